@@ -1,0 +1,217 @@
+// CPU kernels of dispatch and combine and their backward: row gathers and per-token weighted sums.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../checks.h"
+#include "../kernels/permute.h"
+#include "../kernels/plan.h"
+#include "cpu_utils.h"
+
+namespace moe_ext {
+namespace {
+
+using kernels::PlanError;
+
+int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, hidden)); }
+
+const char* plan_error_text(PlanError error) {
+  switch (error) {
+    case PlanError::kRowOutOfRange:
+      return "row_of holds a row outside [-1, N)";
+    case PlanError::kRowNotOwned:
+      return "row_of[t, j] = r but token_of[r] != t";
+    case PlanError::kDuplicateRow:
+      return "row_of lists the same row twice for one token";
+    case PlanError::kTokenOutOfRange:
+      return "token_of holds a token outside [-1, T)";
+    case PlanError::kRowNotListed:
+      return "token_of[r] = t but row_of[t] does not list r";
+    default:
+      return "ok";
+  }
+}
+
+// Validates a plan (row_of [T, k], token_of [N]) in O(T*k + N*k) before use.
+void validate_plan(const at::Tensor& row_of, const at::Tensor& token_of) {
+  const int64_t T = row_of.size(0), k = row_of.size(1), N = token_of.size(0);
+  const int64_t* rows = row_of.const_data_ptr<int64_t>();
+  const int64_t* tokens = token_of.const_data_ptr<int64_t>();
+  cpu::FirstFailure bad_token, bad_row;
+  std::atomic<int> token_error{0}, row_error{0};
+  at::parallel_for(0, T, 2048, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const PlanError e = kernels::check_token_rows(rows + t * k, k, t, tokens, N);
+      if (e != PlanError::kOk) {
+        bad_token.record(t);
+        token_error.store(static_cast<int>(e));
+      }
+    }
+  });
+  TORCH_CHECK(bad_token.get() < 0, "moe_ext: inconsistent routing plan at token ", bad_token.get(), ": ",
+              plan_error_text(static_cast<PlanError>(token_error.load())),
+              " (N = ", N, "); pass a plan made by make_plan");
+  at::parallel_for(0, N, 2048, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const PlanError e = kernels::check_row_token(r, tokens, rows, T, k);
+      if (e != PlanError::kOk) {
+        bad_row.record(r);
+        row_error.store(static_cast<int>(e));
+      }
+    }
+  });
+  TORCH_CHECK(bad_row.get() < 0, "moe_ext: inconsistent routing plan at row ", bad_row.get(), ": ",
+              plan_error_text(static_cast<PlanError>(row_error.load())), " (T = ", T, "); pass a plan made by make_plan");
+}
+
+at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& token_of_in, const at::Tensor& row_of_in) {
+  check_dispatch(x_in, token_of_in, row_of_in);
+  const at::Tensor x = x_in.contiguous(), token_of = token_of_in.contiguous(), row_of = row_of_in.contiguous();
+  validate_plan(row_of, token_of);
+  const int64_t N = token_of.size(0), H = x.size(1);
+  at::Tensor out = at::empty({N, H}, x.options());
+  const int64_t* tokens = token_of.const_data_ptr<int64_t>();
+  const size_t row_bytes = static_cast<size_t>(H) * x.element_size();
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, N, row_grain(H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = tokens[r];
+      if (t >= 0) {
+        std::memcpy(dst + r * row_bytes, src + t * row_bytes, row_bytes);
+      } else {
+        std::memset(dst + r * row_bytes, 0, row_bytes);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor dispatch_backward_cpu(const at::Tensor& grad_in, const at::Tensor& token_of_in,
+                                 const at::Tensor& row_of_in) {
+  check_floating(grad_in, "grad_x_sorted");
+  check_dim(grad_in, 2, "grad_x_sorted", "[N, H]");
+  check_plan_tensors(token_of_in, row_of_in, grad_in, "grad_x_sorted");
+  TORCH_CHECK(grad_in.size(0) == token_of_in.size(0), "moe_ext: grad_x_sorted must have N = ", token_of_in.size(0),
+              " rows, got ", grad_in.size(0));
+  const at::Tensor grad = grad_in.contiguous(), token_of = token_of_in.contiguous(), row_of = row_of_in.contiguous();
+  validate_plan(row_of, token_of);
+  const int64_t T = row_of.size(0), k = row_of.size(1), H = grad.size(1);
+  at::Tensor grad_x = at::empty({T, H}, grad.options());
+  const int64_t* rows = row_of.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "dispatch_backward_cpu", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_x.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, T, row_grain(H * k), [&](int64_t t0, int64_t t1) {
+      std::vector<acc> sum(H);
+      for (int64_t t = t0; t < t1; ++t) {
+        std::fill(sum.begin(), sum.end(), acc(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t r = rows[t * k + j];
+          if (r >= 0) kernels::axpy_row(acc(1), g + r * H, H, sum.data());
+        }
+        for (int64_t h = 0; h < H; ++h) out[t * H + h] = static_cast<scalar_t>(sum[h]);
+      }
+    });
+  });
+  return grad_x;
+}
+
+at::Tensor combine_cpu(const at::Tensor& y_in, const at::Tensor& weights_in, const at::Tensor& row_of_in,
+                       const at::Tensor& token_of_in) {
+  check_combine(y_in, weights_in, row_of_in, token_of_in);
+  const at::Tensor y = y_in.contiguous(), row_of = row_of_in.contiguous(), token_of = token_of_in.contiguous();
+  validate_plan(row_of, token_of);
+  const int64_t T = row_of.size(0), k = row_of.size(1), H = y.size(1);
+  at::Tensor out = at::empty({T, H}, y.options());
+  const int64_t* rows = row_of.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "combine_cpu", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const at::Tensor w = weights_in.to(c10::CppTypeToScalarType<acc>::value).contiguous();
+    const acc* w_ptr = w.const_data_ptr<acc>();
+    const scalar_t* src = y.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, T, row_grain(H * k), [&](int64_t t0, int64_t t1) {
+      std::vector<acc> sum(H);
+      for (int64_t t = t0; t < t1; ++t) {
+        std::fill(sum.begin(), sum.end(), acc(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t r = rows[t * k + j];
+          if (r >= 0) kernels::axpy_row(w_ptr[t * k + j], src + r * H, H, sum.data());
+        }
+        for (int64_t h = 0; h < H; ++h) dst[t * H + h] = static_cast<scalar_t>(sum[h]);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_in, const at::Tensor& y_in,
+                                                        const at::Tensor& weights_in, const at::Tensor& row_of_in,
+                                                        const at::Tensor& token_of_in) {
+  check_combine(y_in, weights_in, row_of_in, token_of_in);
+  check_floating(grad_in, "grad_y");
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == row_of_in.size(0) && grad_in.size(1) == y_in.size(1),
+              "moe_ext: grad_y must have shape [T, H] = [", row_of_in.size(0), ", ", y_in.size(1), "], got ",
+              grad_in.sizes());
+  const at::Tensor y = y_in.contiguous(), row_of = row_of_in.contiguous(), token_of = token_of_in.contiguous();
+  const at::Tensor grad = grad_in.to(y.scalar_type()).contiguous();
+  validate_plan(row_of, token_of);
+  const int64_t T = row_of.size(0), k = row_of.size(1), N = y.size(0), H = y.size(1);
+  at::Tensor grad_y_sorted = at::empty({N, H}, y.options());
+  at::Tensor grad_weights;
+  const int64_t* rows = row_of.const_data_ptr<int64_t>();
+  const int64_t* tokens = token_of.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "combine_backward_cpu", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc>::value;
+    const at::Tensor w = weights_in.to(acc_dtype).contiguous();
+    const acc* w_ptr = w.const_data_ptr<acc>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* src = y.const_data_ptr<scalar_t>();
+    scalar_t* gy = grad_y_sorted.mutable_data_ptr<scalar_t>();
+    // Each row is written by the one (t, j) that owns it: no accumulation races.
+    at::parallel_for(0, N, row_grain(H), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = tokens[r];
+        const int64_t j = t >= 0 ? kernels::slot_of_row(rows + t * k, k, r) : -1;
+        scalar_t* out = gy + r * H;
+        if (j < 0) {
+          for (int64_t h = 0; h < H; ++h) out[h] = scalar_t(0);
+          continue;
+        }
+        const acc weight = w_ptr[t * k + j];
+        const scalar_t* gt = g + t * H;
+        for (int64_t h = 0; h < H; ++h) out[h] = static_cast<scalar_t>(weight * static_cast<acc>(gt[h]));
+      }
+    });
+    at::Tensor gw = at::empty({T, k}, w.options());
+    acc* gw_ptr = gw.mutable_data_ptr<acc>();
+    at::parallel_for(0, T, row_grain(H * k), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t r = rows[t * k + j];
+          gw_ptr[t * k + j] = r >= 0 ? kernels::dot_row<scalar_t, acc>(g + t * H, src + r * H, H) : acc(0);
+        }
+      }
+    });
+    grad_weights = gw.to(weights_in.scalar_type());
+  });
+  return {grad_y_sorted, grad_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
+  m.impl("dispatch", &dispatch_cpu);
+  m.impl("dispatch_backward", &dispatch_backward_cpu);
+  m.impl("combine", &combine_cpu);
+  m.impl("combine_backward", &combine_backward_cpu);
+}
+
+}  // namespace moe_ext

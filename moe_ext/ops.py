@@ -1,0 +1,122 @@
+"""Typed wrappers of the moe_ext operators (torch.ops.moe_ext.*): gating, plan, dispatch, matmul, combine, losses."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _library
+
+_library.load()
+
+__all__ = [
+    "RoutingPlan",
+    "topk_gating",
+    "make_plan",
+    "dispatch",
+    "grouped_mm",
+    "combine",
+    "load_balancing_loss",
+    "router_z_loss",
+]
+
+
+class RoutingPlan(NamedTuple):
+    """Where every (token, choice) assignment lives in the expert-sorted buffer.
+
+    row_of   [T, k] int64: row of x_sorted holding assignment (t, j); -1 if dropped.
+    token_of [N]    int64: source token of each row; -1 for an empty padded row.
+    counts   [E]    int64: assignments routed to each expert before capacity.
+    offsets  [E+1]  int64: rows of expert e are offsets[e]:offsets[e+1].
+    """
+
+    row_of: Tensor
+    token_of: Tensor
+    counts: Tensor
+    offsets: Tensor
+
+
+def topk_gating(
+    logits: Tensor,
+    k: int,
+    score_func: str = "softmax",
+    normalize: bool = True,
+    bias: Tensor | None = None,
+    scale: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+    expert_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Routes every token to its k best experts.
+
+    Args:
+        logits: [T, E] router logits, any floating dtype.
+        k: experts per token, 1 <= k <= E.
+        score_func: "softmax" (over the enabled experts) or "sigmoid" (per expert).
+        normalize: renormalize the k selected scores to sum to 1 (Mixtral);
+            False keeps the raw scores (Switch, Qwen3-MoE default).
+        bias: [E] selection-only bias added to the scores when choosing experts,
+            never to the weights (DeepSeek-V3 ``e_score_correction_bias``).
+        scale: routed scaling factor multiplied into the weights.
+        n_group, topk_group: group-limited routing (DeepSeek-V3): the E experts
+            form n_group groups, a group scores the sum of its best two
+            selection values, and only the topk_group best groups are eligible.
+        expert_mask: [E] bool, False = expert disabled: score 0, never selected.
+
+    Returns:
+        weights [T, k] (float32, float64 for float64 logits), differentiable;
+        indices [T, k] int64 in descending selection order, ties to the lower
+        expert index; scores [T, E] (softmax/sigmoid), differentiable.
+
+    Non-finite logits (NaN anywhere; +inf or no finite enabled logit under
+    softmax) raise a RuntimeError naming the token.
+    """
+    return torch.ops.moe_ext.topk_gating(
+        logits, k, score_func, normalize, bias, float(scale), n_group, topk_group, expert_mask
+    )
+
+
+def make_plan(
+    indices: Tensor, num_experts: int, capacity: int | None = None, priority: Tensor | None = None
+) -> RoutingPlan:
+    """Lays the (token, choice) assignments out by expert. Not differentiable.
+
+    Dropless (capacity=None): N = T*k rows grouped by expert, tokens in order.
+    capacity=C: N = E*C, expert e owns rows [e*C, (e+1)*C); overflow is dropped
+    in (choice, token) order -- every first choice before any second choice, as
+    in Switch/GShard -- or, with ``priority`` [T, k], highest priority kept first.
+    Output shapes depend only on input shapes (no host sync).
+    """
+    row_of, token_of, counts, offsets = torch.ops.moe_ext.make_plan(indices, num_experts, capacity, priority)
+    return RoutingPlan(row_of, token_of, counts, offsets)
+
+
+def dispatch(x: Tensor, plan: RoutingPlan) -> Tensor:
+    """x [T, H] -> x_sorted [N, H]: row r holds x[plan.token_of[r]], zeros for empty rows."""
+    return torch.ops.moe_ext.dispatch(x, plan.token_of, plan.row_of)
+
+
+def grouped_mm(x_sorted: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """[N, in] x [E, in, out] -> [N, out]: rows offsets[e]:offsets[e+1] are multiplied by w[e]."""
+    return torch.ops.moe_ext.grouped_mm(x_sorted, w, offsets)
+
+
+def combine(y_sorted: Tensor, weights: Tensor, plan: RoutingPlan) -> Tensor:
+    """[N, H], [T, k] -> [T, H]: y[t] = sum_j weights[t, j] * y_sorted[row_of[t, j]]; dropped add nothing."""
+    return torch.ops.moe_ext.combine(y_sorted, weights, plan.row_of, plan.token_of)
+
+
+def load_balancing_loss(scores: Tensor, indices: Tensor, num_experts: int) -> Tensor:
+    """E * sum_e (count_e / T) * mean_t scores[t, e] (Switch Transformer; transformers' formula).
+
+    count_e counts the (t, j) with indices[t, j] == e, so a perfectly balanced
+    router scores k. Gradient flows into ``scores``. Zero when T == 0.
+    """
+    return torch.ops.moe_ext.load_balancing_loss(scores, indices, num_experts)
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """mean_t logsumexp(logits[t])**2 (ST-MoE); float32 at least; zero when T == 0."""
+    return torch.ops.moe_ext.router_z_loss(logits)
