@@ -1,0 +1,196 @@
+"""Trains a small byte-level MoE transformer on Python's own documentation text, then reports its routing.
+
+The corpus is `pydoc_data.topics`, the help() text that ships with CPython
+(~460 KB of English written by the Python documentation authors), so the
+example runs offline on any machine. A dense model is built first; its
+feed-forward blocks are then swapped for moe_ext.MoE layers, as a user would
+do with an existing model.
+
+    python examples/train_tiny_lm.py                 # defaults: < 3 minutes on 2 cores
+    python examples/train_tiny_lm.py --steps 50      # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moe_ext
+
+
+def load_corpus() -> bytes:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics)).encode("utf-8")
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, ffn_width: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.ffn: nn.Module = nn.Sequential(nn.Linear(width, ffn_width), nn.GELU(), nn.Linear(ffn_width, width))
+
+    def forward(self, x: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, attn_mask=causal_mask, need_weights=False)[0]
+        return x + self.ffn(self.norm2(x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, context: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, width)
+        self.position = nn.Parameter(torch.zeros(context, width))
+        self.blocks = nn.ModuleList(Block(width, heads, 4 * width) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 256, bias=False)
+        self.register_buffer("causal_mask", torch.triu(torch.full((context, context), float("-inf")), 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        x = self.embed(tokens) + self.position[:T]
+        for block in self.blocks:
+            x = block(x, self.causal_mask[:T, :T])
+        return self.head(self.norm(x))
+
+
+def swap_in_moe(model: TinyLM, num_experts: int, top_k: int, ffn_width: int, aux_loss_coef: float) -> int:
+    """Replaces every block's dense FFN by an MoE layer; returns how many were swapped."""
+    for block in model.blocks:
+        width = block.norm2.normalized_shape[0]
+        block.ffn = moe_ext.MoE(width, ffn_width, num_experts, top_k=top_k, activation="swiglu",
+                                aux_loss_coef=aux_loss_coef, z_loss_coef=1e-3)
+    return len(model.blocks)
+
+
+def progress(step: int, total: int, loss: float, started: float) -> None:
+    done = int(30 * step / total)
+    elapsed = time.time() - started
+    eta = elapsed / max(step, 1) * (total - step)
+    sys.stdout.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{total} loss {loss:.3f} "
+                     f"elapsed {elapsed:5.1f}s eta {eta:5.1f}s")
+    sys.stdout.flush()
+
+
+def plot_utilization(history: list[torch.Tensor], steps: list[int], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: skipped {path}")
+        return False
+    loads = torch.stack(history)  # [snapshots, layers, experts], fraction of assignments
+    layers = loads.shape[1]
+    fig, axes = plt.subplots(1, layers, figsize=(4 * layers, 3.2), sharey=True, squeeze=False)
+    for layer in range(layers):
+        ax = axes[0, layer]
+        for expert in range(loads.shape[2]):
+            ax.plot(steps, loads[:, layer, expert].numpy(), label=f"expert {expert}")
+        ax.axhline(1.0 / loads.shape[2], color="black", linestyle="--", linewidth=0.8)
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("step")
+    axes[0, 0].set_ylabel("share of assignments")
+    axes[0, -1].legend(fontsize=6, loc="upper right")
+    fig.suptitle("Expert utilization during training (dashed: perfectly balanced)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--aux-loss-coef", type=float, default=0.01)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results", help="folder for the utilization plot")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    data = torch.frombuffer(bytearray(load_corpus()), dtype=torch.uint8).long()
+    split = int(0.95 * len(data))
+    train, valid = data[:split], data[split:]
+    print(f"corpus: pydoc_data.topics, {len(data):,} bytes ({len(train):,} train / {len(valid):,} validation)")
+
+    model = TinyLM(args.width, args.layers, heads=4, context=args.context)
+    swapped = swap_in_moe(model, args.experts, args.top_k, ffn_width=2 * args.width, aux_loss_coef=args.aux_loss_coef)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.layers} blocks, width {args.width}, {swapped} FFNs swapped for moe_ext.MoE "
+          f"({args.experts} experts, top-{args.top_k}), {params:,} parameters, {torch.get_num_threads()} threads")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def batch(source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(source) - args.context - 1, (args.batch,), generator=generator)
+        window = torch.stack([source[s : s + args.context + 1] for s in starts.tolist()])
+        return window[:, :-1], window[:, 1:]
+
+    moe_layers = [block.ffn for block in model.blocks]
+    usage_history, usage_steps, window_counts = [], [], torch.zeros(len(moe_layers), args.experts)
+    started = time.time()
+    losses = []
+    for step in range(1, args.steps + 1):
+        inputs, targets = batch(train)
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # the MoE aux losses add their gradient here (aux_loss_mode="auto")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        window_counts += torch.stack([layer.last_stats.tokens_per_expert.float() for layer in moe_layers])
+        if step % args.log_every == 0 or step == args.steps:
+            usage_history.append(window_counts / window_counts.sum(-1, keepdim=True))
+            usage_steps.append(step)
+            window_counts.zero_()
+            mean_loss = sum(losses[-args.log_every :]) / len(losses[-args.log_every :])
+            sys.stdout.write("\r" + " " * 100 + "\r")
+            print(f"step {step:4d}  loss {mean_loss:.3f} (bits/byte {mean_loss / 0.6931:.2f})  "
+                  f"aux {float(moe_ext.aux_loss(model)):.4f}")
+        progress(step, args.steps, losses[-1], started)
+    print()
+
+    model.eval()
+    with torch.no_grad():
+        valid_losses = []
+        for _ in range(8):
+            inputs, targets = batch(valid)
+            valid_losses.append(F.cross_entropy(model(inputs).reshape(-1, 256), targets.reshape(-1)).item())
+    print(f"validation loss {sum(valid_losses) / len(valid_losses):.3f} "
+          f"(first training steps: {sum(losses[:10]) / 10:.3f}); {time.time() - started:.1f}s total")
+
+    os.makedirs(args.out, exist_ok=True)
+    plot_path = os.path.join(args.out, "expert_utilization.png")
+    if plot_utilization(usage_history, usage_steps, plot_path):
+        print(f"expert utilization plot: {plot_path}")
+
+    print("\nrouting report (last validation batch)")
+    print(f"{'layer':>5} {'max/mean':>9} {'CV':>6} {'entropy':>8} {'dropped':>8}  tokens per expert")
+    for index, layer in enumerate(moe_layers):
+        stats = layer.last_stats.as_dict()
+        print(f"{index:>5} {stats['load_imbalance']:>9.2f} {stats['load_cv']:>6.2f} "
+              f"{stats['router_entropy']:>8.3f} {stats['dropped']:>8d}  {stats['tokens_per_expert']}")
+    print(f"(a uniform router has entropy ln({args.experts}) = {torch.tensor(float(args.experts)).log():.3f})")
+
+
+if __name__ == "__main__":
+    main()
