@@ -54,8 +54,11 @@ inline kernels::ScoreFunc check_topk_gating(const at::Tensor& logits, int64_t k,
   if (expert_mask.has_value()) {
     TORCH_CHECK(expert_mask->scalar_type() == at::kBool, "moe_ext: expert_mask must be a bool tensor, got ",
                 expert_mask->scalar_type());
-    TORCH_CHECK(expert_mask->dim() == 1 && expert_mask->sym_size(0) == num_experts,
-                "moe_ext: expert_mask must have shape [E] = [", num_experts, "], got ", expert_mask->sym_sizes());
+    // [E]: the same experts for every token; [T, E]: per-token allowed experts.
+    const bool shared_mask = expert_mask->dim() == 1 && expert_mask->sym_size(0) == num_experts;
+    const bool per_token_mask = expert_mask->dim() == 2 && expert_mask->sym_sizes() == logits.sym_sizes();
+    TORCH_CHECK(shared_mask || per_token_mask, "moe_ext: expert_mask must have shape [E] = [", num_experts,
+                "] or [T, E] = ", logits.sym_sizes(), ", got ", expert_mask->sym_sizes());
     check_same_device(*expert_mask, logits, "expert_mask", "logits");
   }
   TORCH_CHECK(n_group >= 1, "moe_ext: n_group must be >= 1, got ", n_group);

@@ -2,8 +2,21 @@
 
 from . import ops
 from .layer import MoE, RoutingStats, aux_loss, set_aux_loss_scale
+from .monitor import ExpertUsage, GroupSkew, RoutingTrace, trace_routing
 from .ops import RoutingPlan
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "RoutingPlan", "RoutingStats", "aux_loss", "ops", "set_aux_loss_scale", "__version__"]
+__all__ = [
+    "ExpertUsage",
+    "GroupSkew",
+    "MoE",
+    "RoutingPlan",
+    "RoutingStats",
+    "RoutingTrace",
+    "aux_loss",
+    "ops",
+    "set_aux_loss_scale",
+    "trace_routing",
+    "__version__",
+]

@@ -172,9 +172,16 @@ class MoE(nn.Module):
         self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
         self.w_in = nn.Parameter(torch.empty(num_experts, hidden_size, in_width, **factory))
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size, **factory))
+        # False = expert disabled: never selected, its tokens go to their next-best experts.
+        # A buffer (not a parameter, not saved): toggling it changes no shape and forces no recompile.
+        self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device),
+                             persistent=False)
         self.reset_parameters()
         self.aux_loss: Tensor | None = None
         self.last_stats: RoutingStats | None = None
+        self.track_stats = True
+        self._restriction: tuple[Tensor, Tensor] | None = None
+        self._trace_sink = None  # set by moe_ext.trace_routing while a trace records
 
     def reset_parameters(self) -> None:
         """nn.Linear's default: uniform in +-1/sqrt(fan_in) for the router and every expert matrix."""
@@ -182,6 +189,99 @@ class MoE(nn.Module):
         with torch.no_grad():
             self.w_in.uniform_(-1.0 / math.sqrt(self.hidden_size), 1.0 / math.sqrt(self.hidden_size))
             self.w_out.uniform_(-1.0 / math.sqrt(self.ffn_hidden_size), 1.0 / math.sqrt(self.ffn_hidden_size))
+
+    # ----- expert control ---------------------------------------------------------------------------
+
+    def _expert_ids(self, experts, what: str) -> list[int]:
+        ids = [int(e) for e in (experts.tolist() if isinstance(experts, Tensor) else experts)]
+        bad = [e for e in ids if not 0 <= e < self.num_experts]
+        if bad:
+            raise ValueError(f"MoE.{what}: experts must be in [0, num_experts = {self.num_experts}), got {bad}")
+        return ids
+
+    def disable_experts(self, experts) -> None:
+        """Switches experts off: they are never selected and their tokens go to the next-best experts.
+
+        With ``normalize_weights=True`` the weights renormalize over the experts
+        that remain; with softmax scores the softmax runs over enabled experts
+        only. Works in training and inference, and in a compiled model without
+        recompiling (the mask is a buffer). At least ``top_k`` experts must stay on.
+        """
+        ids = self._expert_ids(experts, "disable_experts")
+        mask = self.expert_mask.clone()
+        mask[ids] = False
+        if int(mask.sum()) < self.top_k:
+            raise ValueError(
+                f"MoE.disable_experts: disabling {sorted(set(ids))} leaves {int(mask.sum())} enabled experts, "
+                f"fewer than top_k = {self.top_k}"
+            )
+        self.expert_mask.copy_(mask)
+
+    def enable_experts(self, experts=None) -> None:
+        """Switches experts back on (all of them when ``experts`` is None)."""
+        if experts is None:
+            self.expert_mask.fill_(True)
+        else:
+            self.expert_mask[self._expert_ids(experts, "enable_experts")] = True
+
+    @property
+    def disabled_experts(self) -> list[int]:
+        return [e for e, on in enumerate(self.expert_mask.tolist()) if not on]
+
+    def restrict_experts(self, token_mask: Tensor, allowed) -> _Restriction:
+        """Routes the flagged tokens of the following forwards only to ``allowed`` experts.
+
+        ``token_mask`` is a bool tensor over the input's leading dims (``x.shape[:-1]``);
+        ``allowed`` lists expert ids (or is an [E] bool mask). Unflagged tokens
+        route as usual. The restriction stays until :meth:`clear_restriction`;
+        the returned handle is also a context manager that clears it on exit::
+
+            with layer.restrict_experts(is_medical, allowed=[0, 3]):
+                y = layer(x)
+        """
+        if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool:
+            raise ValueError("MoE.restrict_experts: token_mask must be a bool tensor over x.shape[:-1]")
+        if isinstance(allowed, Tensor) and allowed.dtype == torch.bool:
+            if allowed.shape != (self.num_experts,):
+                raise ValueError(f"MoE.restrict_experts: allowed as a mask must have shape [{self.num_experts}]")
+            allowed_mask = allowed.to(self.expert_mask.device).clone()
+        else:
+            allowed_mask = torch.zeros_like(self.expert_mask)
+            allowed_mask[self._expert_ids(allowed, "restrict_experts")] = True
+        if int((allowed_mask & self.expert_mask).sum()) < self.top_k:
+            raise ValueError(
+                f"MoE.restrict_experts: fewer than top_k = {self.top_k} allowed experts are enabled"
+            )
+        self._restriction = (token_mask.to(self.expert_mask.device), allowed_mask)
+        return _Restriction(self)
+
+    def clear_restriction(self) -> None:
+        self._restriction = None
+
+    @torch.no_grad()
+    def clone_expert(self, src: int, dst: int, copy_router: bool = False) -> None:
+        """Copies expert ``src``'s weights into slot ``dst`` (a redundant replica).
+
+        With ``copy_router=True`` the router row is copied too, so ``dst`` scores
+        exactly like ``src``: disable ``src`` and its tokens move to the replica.
+        """
+        src, dst = self._expert_ids([src, dst], "clone_expert")
+        self.w_in[dst].copy_(self.w_in[src])
+        self.w_out[dst].copy_(self.w_out[src])
+        if copy_router:
+            self.router.weight[dst].copy_(self.router.weight[src])
+
+    def _routing_mask(self, leading_shape: torch.Size, num_tokens: int) -> Tensor:
+        if self._restriction is None:
+            return self.expert_mask
+        token_mask, allowed = self._restriction
+        if token_mask.shape != leading_shape:
+            raise ValueError(
+                f"MoE: the restrict_experts token_mask has shape {tuple(token_mask.shape)} but the input's "
+                f"leading dims are {tuple(leading_shape)}; call clear_restriction() or restrict again"
+            )
+        flagged = token_mask.reshape(num_tokens, 1)
+        return torch.where(flagged, (allowed & self.expert_mask).unsqueeze(0), self.expert_mask.unsqueeze(0))
 
     def extra_repr(self) -> str:
         capacity = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
@@ -219,7 +319,7 @@ class MoE(nn.Module):
         logits = self.router(tokens)
         weights, indices, scores = ops.topk_gating(
             logits, self.top_k, self.score_func, self.normalize_weights, None, self.routed_scaling_factor,
-            self.n_group, self.topk_group, None,
+            self.n_group, self.topk_group, self._routing_mask(shape[:-1], tokens.shape[0]),
         )
         capacity = self.capacity(tokens.shape[0])
         priority = weights.detach() if capacity is not None and self.drop_policy == "probs" else None
@@ -233,7 +333,10 @@ class MoE(nn.Module):
                 y = _AuxLossInjector.apply(y, aux, self.aux_loss_scale)
             aux = aux.detach()
         self.aux_loss = aux
-        self.last_stats = _routing_stats(plan.counts, capacity, scores.detach())
+        if self.track_stats:
+            self.last_stats = _routing_stats(plan.counts, capacity, scores.detach())
+        if self._trace_sink is not None:
+            self._trace_sink.record(self, indices, weights.detach(), plan.row_of, shape[:-1])
         return y.reshape(shape)
 
     def _aux_loss(self, logits: Tensor, scores: Tensor, indices: Tensor) -> Tensor:
@@ -243,6 +346,19 @@ class MoE(nn.Module):
         if self.z_loss_coef != 0.0:
             aux = aux + self.z_loss_coef * ops.router_z_loss(logits)
         return aux
+
+
+class _Restriction:
+    """Handle returned by MoE.restrict_experts; leaving its `with` block clears the restriction."""
+
+    def __init__(self, layer: MoE) -> None:
+        self.layer = layer
+
+    def __enter__(self) -> _Restriction:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.layer.clear_restriction()
 
 
 @torch.no_grad()

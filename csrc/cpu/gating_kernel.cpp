@@ -35,8 +35,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor&
   at::Tensor mask;
   if (expert_mask.has_value()) {
     mask = expert_mask->contiguous();
-    const int64_t enabled = mask.sum().item<int64_t>();
-    TORCH_CHECK(enabled >= k, "moe_ext: expert_mask enables ", enabled, " experts, fewer than k = ", k);
+    if (mask.dim() == 1) {
+      const int64_t enabled = mask.sum().item<int64_t>();
+      TORCH_CHECK(enabled >= k, "moe_ext: expert_mask enables ", enabled, " experts, fewer than k = ", k);
+    }
   }
   at::Tensor bias_acc;
   if (bias.has_value()) {
@@ -50,6 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor&
     using acc = at::opmath_type<scalar_t>;
     const scalar_t* logit_ptr = logits.const_data_ptr<scalar_t>();
     const bool* mask_ptr = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+    const int64_t mask_stride = mask.defined() && mask.dim() == 2 ? E : 0;
     const acc* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc>() : nullptr;
     acc* weight_ptr = weights.mutable_data_ptr<acc>();
     acc* score_ptr = scores.mutable_data_ptr<acc>();
@@ -59,14 +62,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor&
       for (int64_t t = t0; t < t1; ++t) {
         acc* s = score_ptr + t * E;
         int64_t* idx = index_ptr + t * k;
-        if (kernels::token_scores(logit_ptr + t * E, mask_ptr, cfg, s) != GateStatus::kOk) {
-          non_finite.record(t);
+        const bool* enabled = mask_ptr != nullptr ? mask_ptr + t * mask_stride : nullptr;
+        const GateStatus status = kernels::token_scores(logit_ptr + t * E, enabled, cfg, s);
+        if (status != GateStatus::kOk) {
+          (status == GateStatus::kTooFewExperts ? too_few : non_finite).record(t);
           std::fill(s, s + E, acc(0));
           std::fill(idx, idx + k, int64_t(0));
           continue;
         }
         for (int64_t e = 0; e < E; ++e) select[e] = bias_ptr ? s[e] + bias_ptr[e] : s[e];
-        if (kernels::token_select(select.data(), mask_ptr, cfg, groups.data(), idx) != GateStatus::kOk) {
+        if (kernels::token_select(select.data(), enabled, cfg, groups.data(), idx) != GateStatus::kOk) {
           too_few.record(t);
           std::fill(idx, idx + k, int64_t(0));
         }
@@ -75,10 +80,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor&
     });
   });
   TORCH_CHECK(non_finite.get() < 0, "moe_ext: logits of token ", non_finite.get(),
-              " are non-finite (NaN, +inf under softmax, or no finite logit among enabled experts): ",
-              logits_in[non_finite.get()]);
+              " are non-finite (NaN, +inf under softmax, or no finite logit among enabled experts)");
   TORCH_CHECK(too_few.get() < 0, "moe_ext: token ", too_few.get(), " has fewer than k = ", k,
-              " candidate experts after expert_mask and the group limit");
+              " candidate experts after expert_mask and the group limit (k = ", k, ")");
   return {weights, indices, scores};
 }
 

@@ -47,11 +47,15 @@ MOE_INLINE GateStatus token_scores(const in_t* logits, const bool* enabled, cons
     return GateStatus::kOk;
   }
   acc max_logit = neg_infinity<acc>();
+  bool any_enabled = false;
   for (int64_t e = 0; e < E; ++e) {
     const acc l = static_cast<acc>(logits[e]);
     if (l != l) return GateStatus::kNonFinite;
-    if ((enabled == nullptr || enabled[e]) && l > max_logit) max_logit = l;
+    const bool on = enabled == nullptr || enabled[e];
+    any_enabled = any_enabled || on;
+    if (on && l > max_logit) max_logit = l;
   }
+  if (!any_enabled) return GateStatus::kTooFewExperts;
   // +inf has no finite softmax; all -inf (or all disabled) has no distribution.
   if (!(max_logit > neg_infinity<acc>()) || max_logit == -neg_infinity<acc>()) {
     return GateStatus::kNonFinite;
