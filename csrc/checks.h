@@ -79,7 +79,7 @@ inline void check_make_plan(const at::Tensor& indices, int64_t num_experts, std:
   check_dim(indices, 2, "indices", "[T, k]");
   TORCH_CHECK(num_experts >= 1, "moe_ext: num_experts must be >= 1, got ", num_experts);
   if (capacity.has_value()) {
-    TORCH_CHECK(*capacity >= 1, "moe_ext: capacity must be >= 1 (or None for dropless), got ", *capacity);
+    TORCH_CHECK(*capacity >= 0, "moe_ext: capacity must be >= 0 (or None for dropless), got ", *capacity);
   }
   if (priority.has_value()) {
     TORCH_CHECK(capacity.has_value(), "moe_ext: priority only applies with a capacity; pass capacity or drop priority");
@@ -88,6 +88,13 @@ inline void check_make_plan(const at::Tensor& indices, int64_t num_experts, std:
                 indices.sym_sizes(), ", got ", priority->sym_sizes());
     check_same_device(*priority, indices, "priority", "indices");
   }
+}
+
+inline void check_expert_choice_plan(const at::Tensor& scores, int64_t capacity) {
+  check_floating(scores, "scores");
+  check_dim(scores, 2, "scores", "[T, E]");
+  TORCH_CHECK(scores.sym_size(1) >= 1, "moe_ext: scores must have at least one expert column");
+  TORCH_CHECK(capacity >= 0, "moe_ext: capacity must be >= 0, got ", capacity);
 }
 
 inline void check_plan_tensors(const at::Tensor& token_of, const at::Tensor& row_of, const at::Tensor& ref,

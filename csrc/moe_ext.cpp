@@ -17,6 +17,9 @@ TORCH_LIBRARY(moe_ext, m) {
   m.def(
       "make_plan(Tensor indices, int num_experts, int? capacity=None, Tensor? priority=None) "
       "-> (Tensor row_of, Tensor token_of, Tensor counts, Tensor offsets)");
+  m.def(
+      "expert_choice_plan(Tensor scores, int capacity) "
+      "-> (Tensor row_of, Tensor token_of, Tensor counts, Tensor offsets)");
   m.def("dispatch(Tensor x, Tensor token_of, Tensor row_of) -> Tensor");
   m.def("dispatch_backward(Tensor grad_x_sorted, Tensor token_of, Tensor row_of) -> Tensor");
   m.def("combine(Tensor y_sorted, Tensor weights, Tensor row_of, Tensor token_of) -> Tensor");

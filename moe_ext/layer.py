@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, routing
 
 __all__ = ["MoE", "RoutingStats", "aux_loss", "set_aux_loss_scale"]
 
@@ -88,11 +88,45 @@ class MoE(nn.Module):
             the training loop; ``layer.aux_loss`` is then a detached value for
             logging). "manual": ``layer.aux_loss`` keeps its graph and the user
             adds it to the loss (``moe_ext.aux_loss(model)`` sums all layers).
-        drop_policy: "position" (first choices before second choices, then token
-            order) or "probs" (highest routing weight kept first); capacity mode only.
+        drop_policy: which assignments a full expert keeps (capacity mode):
+            "position" (first choices before second choices, then token order;
+            Switch/GShard), "probs" (highest routing weight first), "bpr"
+            (batch-prioritized routing, V-MoE), "random" (random token
+            selection, DeepSpeed use_rts).
         min_capacity: lower bound of C in capacity mode.
+        eval_capacity_factor: capacity factor in eval mode ("same" = capacity_factor;
+            Switch evaluates at 2.0).
         routed_scaling_factor: multiplies the routing weights (DeepSeek-V3).
         n_group, topk_group: group-limited routing (DeepSeek-V3); 1, 1 = off.
+        router: "token_choice" (each token picks top_k experts) or "expert_choice"
+            (Zhou et al. 2022: each expert picks its C = ceil(capacity_factor * T / E)
+            best tokens by softmax score; a token gets 0..E experts; top_k unused).
+        router_dtype: dtype of the router matmul and logits (torch.float32 = the
+            Switch "fp32 router" under bf16 training); None = the input dtype.
+        router_jitter: Switch's multiplicative jitter: in training the router
+            input is multiplied by U(1 - eps, 1 + eps) noise (0 = off).
+        noisy_gating: Shazeer et al. 2017 noisy top-k: in training the logits get
+            N(0, 1) * softplus(x @ noise.weight^T) noise (``noise`` is a learned
+            ``nn.Linear(H, E)``, zero-initialized).
+        importance_loss_coef, load_loss_coef: Shazeer's CV(importance)^2 and
+            CV(smooth load)^2 losses (noisy_gating only for the load loss).
+        aux_loss_type: "switch" (count every one of the k choices; transformers'
+            formula) or "gshard" (count first choices only, as GShard's l_aux).
+        random_routing: GShard's random routing of the second expert (top_k = 2,
+            capacity mode): kept only if 2 * g2 / (g1 + g2) > U[0, 1).
+        selection_bias: a buffer ``selection_bias`` [E] added to the scores for
+            selection only (DeepSeek-V3 e_score_correction_bias).
+        bias_update_rate: aux-loss-free balancing (DeepSeek-V3): after each
+            training forward, selection_bias += rate * sign(mean load - load_e),
+            outside autograd. Needs selection_bias=True.
+        seq_aux_loss_coef: weight of DeepSeek-V3's sequence-wise balance loss
+            (sequences = the input's second-to-last dim).
+        shared_expert_size: F of an always-on dense shared expert (0 = none);
+            it uses the layer's activation.
+        shared_expert_gate: scale the shared expert by sigmoid(x @ w) (Qwen2-MoE).
+        expert_bias: per-expert biases ``b_in`` [E, F or 2F] and ``b_out`` [E, H].
+        generator: torch.Generator for jitter, noise, random routing and random
+            drops (None = the global RNG, seeded by torch.manual_seed).
         device, dtype: where and in which dtype to create the parameters.
 
     Parameters: ``router.weight`` [E, H] (as ``nn.Linear(H, E)``), ``w_in``
@@ -119,9 +153,25 @@ class MoE(nn.Module):
         *,
         drop_policy: str = "position",
         min_capacity: int = 1,
+        eval_capacity_factor: float | None | str = "same",
         routed_scaling_factor: float = 1.0,
         n_group: int = 1,
         topk_group: int = 1,
+        router: str = "token_choice",
+        router_dtype: torch.dtype | None = None,
+        router_jitter: float = 0.0,
+        noisy_gating: bool = False,
+        importance_loss_coef: float = 0.0,
+        load_loss_coef: float = 0.0,
+        aux_loss_type: str = "switch",
+        random_routing: bool = False,
+        selection_bias: bool = False,
+        bias_update_rate: float = 0.0,
+        seq_aux_loss_coef: float = 0.0,
+        shared_expert_size: int = 0,
+        shared_expert_gate: bool = False,
+        expert_bias: bool = False,
+        generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -140,8 +190,26 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
         if aux_loss_mode not in ("auto", "manual"):
             raise ValueError(f"MoE: aux_loss_mode must be 'auto' or 'manual', got {aux_loss_mode!r}")
-        if drop_policy not in ("position", "probs"):
-            raise ValueError(f"MoE: drop_policy must be 'position' or 'probs', got {drop_policy!r}")
+        if drop_policy not in ("position", "probs", "bpr", "random"):
+            raise ValueError(f"MoE: drop_policy must be 'position', 'probs', 'bpr' or 'random', got {drop_policy!r}")
+        if router not in ("token_choice", "expert_choice"):
+            raise ValueError(f"MoE: router must be 'token_choice' or 'expert_choice', got {router!r}")
+        if router == "expert_choice" and capacity_factor is None:
+            raise ValueError("MoE: router='expert_choice' needs a capacity_factor (tokens per expert = cf * T / E)")
+        if aux_loss_type not in ("switch", "gshard"):
+            raise ValueError(f"MoE: aux_loss_type must be 'switch' or 'gshard', got {aux_loss_type!r}")
+        if random_routing and (top_k != 2 or capacity_factor is None):
+            raise ValueError("MoE: random_routing (GShard) needs top_k=2 and a capacity_factor")
+        if bias_update_rate and not selection_bias:
+            raise ValueError("MoE: bias_update_rate needs selection_bias=True")
+        if not 0.0 <= router_jitter < 1.0:
+            raise ValueError(f"MoE: router_jitter must be in [0, 1), got {router_jitter!r}")
+        if load_loss_coef and not noisy_gating:
+            raise ValueError("MoE: load_loss_coef (Shazeer's smooth load loss) needs noisy_gating=True")
+        if not isinstance(shared_expert_size, int) or shared_expert_size < 0:
+            raise ValueError(f"MoE: shared_expert_size must be an int >= 0, got {shared_expert_size!r}")
+        if shared_expert_gate and not shared_expert_size:
+            raise ValueError("MoE: shared_expert_gate needs shared_expert_size > 0")
         if not isinstance(min_capacity, int) or min_capacity < 1:
             raise ValueError(f"MoE: min_capacity must be an int >= 1, got {min_capacity!r}")
         if n_group < 1 or num_experts % n_group or not 1 <= topk_group <= n_group:
@@ -166,12 +234,35 @@ class MoE(nn.Module):
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.n_group = n_group
         self.topk_group = topk_group
+        self.eval_capacity_factor = capacity_factor if eval_capacity_factor == "same" else eval_capacity_factor
+        self.router_type = router
+        self.router_dtype = router_dtype
+        self.router_jitter = float(router_jitter)
+        self.noisy_gating = noisy_gating
+        self.importance_loss_coef = float(importance_loss_coef)
+        self.load_loss_coef = float(load_loss_coef)
+        self.aux_loss_type = aux_loss_type
+        self.random_routing = random_routing
+        self.bias_update_rate = float(bias_update_rate)
+        self.seq_aux_loss_coef = float(seq_aux_loss_coef)
+        self.generator = generator
 
         factory = {"device": device, "dtype": dtype}
         in_width = 2 * ffn_hidden_size if activation in _GATED else ffn_hidden_size
         self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
         self.w_in = nn.Parameter(torch.empty(num_experts, hidden_size, in_width, **factory))
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size, **factory))
+        self.b_in = nn.Parameter(torch.empty(num_experts, in_width, **factory)) if expert_bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, hidden_size, **factory)) if expert_bias else None
+        self.noise = nn.Linear(hidden_size, num_experts, bias=False, **factory) if noisy_gating else None
+        if selection_bias:
+            self.register_buffer("selection_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+        else:
+            self.selection_bias = None
+        self.shared_expert = (
+            _DenseFFN(hidden_size, shared_expert_size, activation, **factory) if shared_expert_size else None
+        )
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, **factory) if shared_expert_gate else None
         # False = expert disabled: never selected, its tokens go to their next-best experts.
         # A buffer (not a parameter, not saved): toggling it changes no shape and forces no recompile.
         self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device),
@@ -183,12 +274,38 @@ class MoE(nn.Module):
         self._restriction: tuple[Tensor, Tensor] | None = None
         self._trace_sink = None  # set by moe_ext.trace_routing while a trace records
 
+    @classmethod
+    def from_preset(cls, name: str, hidden_size: int, ffn_hidden_size: int, **overrides) -> MoE:
+        """A layer configured as a published system: switch, gshard, shazeer, mixtral, grok1,
+        qwen3_moe, olmoe, deepseek_v3, expert_choice (see moe_ext.presets.PRESETS for the
+        settings and their sources). ``num_experts`` defaults to the system's own where it
+        has one (8 otherwise); any keyword overrides the preset."""
+        from .presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"MoE.from_preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        preset = PRESETS[name]
+        kwargs = {"num_experts": 8, **preset.settings}
+        if preset.shared_expert_multiple:
+            kwargs["shared_expert_size"] = preset.shared_expert_multiple * ffn_hidden_size
+        kwargs.update(overrides)
+        return cls(hidden_size, ffn_hidden_size, **kwargs)
+
     def reset_parameters(self) -> None:
         """nn.Linear's default: uniform in +-1/sqrt(fan_in) for the router and every expert matrix."""
         self.router.reset_parameters()
         with torch.no_grad():
-            self.w_in.uniform_(-1.0 / math.sqrt(self.hidden_size), 1.0 / math.sqrt(self.hidden_size))
-            self.w_out.uniform_(-1.0 / math.sqrt(self.ffn_hidden_size), 1.0 / math.sqrt(self.ffn_hidden_size))
+            in_bound, out_bound = 1.0 / math.sqrt(self.hidden_size), 1.0 / math.sqrt(self.ffn_hidden_size)
+            self.w_in.uniform_(-in_bound, in_bound)
+            self.w_out.uniform_(-out_bound, out_bound)
+            if self.b_in is not None:
+                self.b_in.uniform_(-in_bound, in_bound)
+                self.b_out.uniform_(-out_bound, out_bound)
+            if self.noise is not None:
+                self.noise.weight.zero_()  # start noise-free: softplus(0) = ln 2 std, learned from there
+        for module in (self.shared_expert, self.shared_expert_gate):
+            if module is not None:
+                module.reset_parameters()
 
     # ----- expert control ---------------------------------------------------------------------------
 
@@ -291,20 +408,52 @@ class MoE(nn.Module):
         )
 
     def capacity(self, num_tokens: int) -> int | None:
-        """Rows per expert for a batch of ``num_tokens`` tokens (None when dropless)."""
-        if self.capacity_factor is None:
+        """Rows per expert for a batch of ``num_tokens`` tokens (None when dropless).
+
+        Token choice: max(min_capacity, ceil(cf * T * k / E)); expert choice:
+        max(min_capacity, ceil(cf * T / E)). The eval-mode factor applies when
+        ``self.training`` is False.
+        """
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None:
             return None
-        wanted = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
-        return max(self.min_capacity, wanted)
+        per_token = 1 if self.router_type == "expert_choice" else self.top_k
+        return max(self.min_capacity, math.ceil(factor * num_tokens * per_token / self.num_experts))
 
     def _expert_ffn(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
         h = ops.grouped_mm(x_sorted, self.w_in, offsets)
-        if self.activation in _GATED:
-            gate, up = h.chunk(2, dim=-1)
-            h = _GATED[self.activation](gate) * up
-        else:
-            h = _PLAIN[self.activation](h)
-        return ops.grouped_mm(h, self.w_out, offsets)
+        expert_of_row = None
+        if self.b_in is not None:
+            # [N] expert of every row, from the plan's offsets (no host sync: output_size is N).
+            expert_of_row = torch.repeat_interleave(
+                torch.arange(self.num_experts, device=offsets.device), offsets.diff(), output_size=h.shape[0]
+            )
+            h = h + self.b_in[expert_of_row]
+        h = _activate(self.activation, h)
+        y = ops.grouped_mm(h, self.w_out, offsets)
+        if expert_of_row is not None:
+            y = y + self.b_out[expert_of_row]
+        return y
+
+    def _router_logits(self, tokens: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(logits used for routing, clean logits, noise std); the last two only with noisy gating."""
+        router_input = tokens
+        weight = self.router.weight
+        if self.router_dtype is not None:
+            router_input, weight = router_input.to(self.router_dtype), weight.to(self.router_dtype)
+        if self.training and self.router_jitter > 0:
+            noise = torch.empty_like(router_input).uniform_(
+                1.0 - self.router_jitter, 1.0 + self.router_jitter, generator=self.generator
+            )
+            router_input = router_input * noise
+        logits = F.linear(router_input, weight)
+        if self.noise is None:
+            return logits, None, None
+        noise_std = F.softplus(F.linear(router_input, self.noise.weight.to(weight.dtype)))
+        if not self.training:
+            return logits, logits, noise_std
+        sample = torch.randn(logits.shape, generator=self.generator, device=logits.device, dtype=logits.dtype)
+        return logits + sample * noise_std, logits, noise_std
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.hidden_size:
@@ -316,18 +465,40 @@ class MoE(nn.Module):
             )
         shape = x.shape
         tokens = x.reshape(-1, self.hidden_size)
-        logits = self.router(tokens)
-        weights, indices, scores = ops.topk_gating(
-            logits, self.top_k, self.score_func, self.normalize_weights, None, self.routed_scaling_factor,
-            self.n_group, self.topk_group, self._routing_mask(shape[:-1], tokens.shape[0]),
-        )
+        logits, clean_logits, noise_std = self._router_logits(tokens)
         capacity = self.capacity(tokens.shape[0])
-        priority = weights.detach() if capacity is not None and self.drop_policy == "probs" else None
-        plan = ops.make_plan(indices, self.num_experts, capacity, priority)
+        mask = self._routing_mask(shape[:-1], tokens.shape[0])
+        if self.router_type == "expert_choice":
+            # Scores are the per-token softmax; each expert then picks its best tokens.
+            _, _, scores = ops.topk_gating(logits, 1, self.score_func, False, None, 1.0, 1, 1, mask)
+            plan = ops.expert_choice_plan(scores.detach(), capacity)
+            weights = torch.where(plan.row_of >= 0, scores, torch.zeros_like(scores))
+            indices = None
+        else:
+            weights, indices, scores = ops.topk_gating(
+                logits, self.top_k, self.score_func, self.normalize_weights, self.selection_bias,
+                self.routed_scaling_factor, self.n_group, self.topk_group, mask,
+            )
+            priority = None
+            if capacity is not None:
+                priority = routing.drop_priority(self.drop_policy, weights, self.generator)
+                if self.random_routing and self.training:
+                    if priority is None:
+                        priority = torch.zeros_like(weights)
+                    drop = routing.gshard_second_expert_drop(weights, self.generator)
+                    priority = priority.masked_fill(drop, float("-inf"))
+            plan = ops.make_plan(indices, self.num_experts, capacity, priority)
+            if self.bias_update_rate and self.training:
+                routing.balance_bias_update(self.selection_bias, plan.counts, self.bias_update_rate)
         y_sorted = self._expert_ffn(ops.dispatch(tokens, plan), plan.offsets)
         y = ops.combine(y_sorted, weights, plan)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            y = y + shared
 
-        aux = self._aux_loss(logits, scores, indices)
+        aux = self._aux_loss(logits, scores, indices, weights, clean_logits, noise_std, shape[:-1])
         if self.aux_loss_mode == "auto":
             if self.training and torch.is_grad_enabled() and aux.requires_grad:
                 y = _AuxLossInjector.apply(y, aux, self.aux_loss_scale)
@@ -336,16 +507,59 @@ class MoE(nn.Module):
         if self.track_stats:
             self.last_stats = _routing_stats(plan.counts, capacity, scores.detach())
         if self._trace_sink is not None:
-            self._trace_sink.record(self, indices, weights.detach(), plan.row_of, shape[:-1])
+            traced = indices if indices is not None else _expert_choice_indices(plan.row_of)
+            self._trace_sink.record(self, traced, weights.detach(), plan.row_of, shape[:-1])
         return y.reshape(shape)
 
-    def _aux_loss(self, logits: Tensor, scores: Tensor, indices: Tensor) -> Tensor:
+    def _aux_loss(self, logits, scores, indices, weights, clean_logits, noise_std, leading_shape) -> Tensor:
         aux = scores.new_zeros(())
-        if self.aux_loss_coef != 0.0:
-            aux = aux + self.aux_loss_coef * ops.load_balancing_loss(scores, indices, self.num_experts)
+        if self.aux_loss_coef != 0.0 and indices is not None:
+            counted = indices[:, :1] if self.aux_loss_type == "gshard" else indices
+            aux = aux + self.aux_loss_coef * ops.load_balancing_loss(scores, counted, self.num_experts)
         if self.z_loss_coef != 0.0:
             aux = aux + self.z_loss_coef * ops.router_z_loss(logits)
+        if self.importance_loss_coef != 0.0:
+            gates = weights if indices is None else torch.zeros_like(scores).scatter(1, indices, weights)
+            aux = aux + self.importance_loss_coef * routing.cv_squared(gates.sum(0))
+        if self.load_loss_coef != 0.0 and self.training:
+            load = routing.noisy_topk_load(clean_logits.float(), logits.float(), noise_std.float(), self.top_k)
+            aux = aux + self.load_loss_coef * routing.cv_squared(load)
+        if self.seq_aux_loss_coef != 0.0 and indices is not None:
+            aux = aux + self.seq_aux_loss_coef * routing.sequence_aux_loss(
+                scores, indices, self.num_experts, leading_shape
+            )
         return aux
+
+
+def _activate(activation: str, h: Tensor) -> Tensor:
+    if activation in _GATED:
+        gate, up = h.chunk(2, dim=-1)
+        return _GATED[activation](gate) * up
+    return _PLAIN[activation](h)
+
+
+class _DenseFFN(nn.Module):
+    """An always-on dense expert (shared expert): w_in [H, F or 2F], w_out [F, H], same activation."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str, device=None, dtype=None):
+        super().__init__()
+        in_width = 2 * ffn_hidden_size if activation in _GATED else ffn_hidden_size
+        self.activation = activation
+        self.w_in = nn.Linear(hidden_size, in_width, bias=False, device=device, dtype=dtype)
+        self.w_out = nn.Linear(ffn_hidden_size, hidden_size, bias=False, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        self.w_in.reset_parameters()
+        self.w_out.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_out(_activate(self.activation, self.w_in(x)))
+
+
+def _expert_choice_indices(row_of: Tensor) -> Tensor:
+    """[T, E] expert ids for a trace of expert-choice routing (-1 where the expert did not take the token)."""
+    experts = torch.arange(row_of.shape[1], device=row_of.device).expand_as(row_of)
+    return torch.where(row_of >= 0, experts, torch.full_like(experts, -1))
 
 
 class _Restriction:

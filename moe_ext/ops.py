@@ -15,6 +15,7 @@ __all__ = [
     "RoutingPlan",
     "topk_gating",
     "make_plan",
+    "expert_choice_plan",
     "dispatch",
     "grouped_mm",
     "combine",
@@ -86,10 +87,24 @@ def make_plan(
     Dropless (capacity=None): N = T*k rows grouped by expert, tokens in order.
     capacity=C: N = E*C, expert e owns rows [e*C, (e+1)*C); overflow is dropped
     in (choice, token) order -- every first choice before any second choice, as
-    in Switch/GShard -- or, with ``priority`` [T, k], highest priority kept first.
+    in Switch/GShard -- or, with ``priority`` [T, k], highest priority kept first;
+    an assignment whose priority is -inf is always dropped (random routing).
     Output shapes depend only on input shapes (no host sync).
     """
     row_of, token_of, counts, offsets = torch.ops.moe_ext.make_plan(indices, num_experts, capacity, priority)
+    return RoutingPlan(row_of, token_of, counts, offsets)
+
+
+def expert_choice_plan(scores: Tensor, capacity: int) -> RoutingPlan:
+    """Expert-choice routing (Zhou et al. 2022): every expert takes its ``capacity`` best tokens.
+
+    scores [T, E]; expert e takes the min(capacity, T) tokens with the highest
+    scores[:, e] (ties to the lower token index) into rows e*C, e*C+1, ... in
+    token order. ``row_of`` is [T, E] (a token may get 0..E experts; -1 where
+    expert e did not take token t), so ``combine`` takes [T, E] weights, e.g.
+    ``scores.where(plan.row_of >= 0, 0)``. Not differentiable.
+    """
+    row_of, token_of, counts, offsets = torch.ops.moe_ext.expert_choice_plan(scores, capacity)
     return RoutingPlan(row_of, token_of, counts, offsets)
 
 

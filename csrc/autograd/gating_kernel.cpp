@@ -51,6 +51,7 @@ TORCH_LIBRARY_IMPL(moe_ext, Autograd, m) {
   m.impl("topk_gating", &autograd::topk_gating_autograd);
   // Routing plans are integer bookkeeping: nothing to differentiate.
   m.impl("make_plan", torch::CppFunction::makeFallthrough());
+  m.impl("expert_choice_plan", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace moe_ext

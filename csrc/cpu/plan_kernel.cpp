@@ -1,16 +1,24 @@
 // CPU kernel of make_plan: chunked histogram, stable placement, and capacity ranking per expert.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "../checks.h"
+#include "../kernels/gating.h"
 #include "../kernels/plan.h"
 #include "cpu_utils.h"
 
 namespace moe_ext {
 namespace {
+
+// offsets of a capacity layout: expert e owns rows [e*C, (e+1)*C).
+at::Tensor capacity_offsets(int64_t num_experts, int64_t capacity, const at::TensorOptions& opts) {
+  return at::arange(num_experts + 1, opts) * capacity;
+}
 
 // Assignments per chunk; fixed so the work split never depends on threads.
 constexpr int64_t kPlanChunk = 4096;
@@ -82,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cpu(const a
 
   const int64_t C = *capacity;
   at::Tensor token_of = at::full({E * C}, -1, long_opts);
-  at::Tensor offsets = at::arange(0, (E + 1) * C, C, long_opts);
+  at::Tensor offsets = capacity_offsets(E, C, long_opts);
   int64_t* token_ptr = token_of.mutable_data_ptr<int64_t>();
   std::vector<int64_t> sorted(static_cast<size_t>(A));
   for (int64_t a = 0; a < A; ++a) sorted[position_of[a]] = a;
@@ -98,15 +106,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cpu(const a
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t begin = dropless_offsets[e], n = count_ptr[e];
       const int64_t* mine = sorted.data() + begin;  // expert e's assignments, token order
+      // A priority of -inf means "never keep" (random routing, per-token drops).
       keep.assign(static_cast<size_t>(n), 1);
-      if (n > C) {
-        ranked.resize(static_cast<size_t>(n));
-        for (int64_t i = 0; i < n; ++i) ranked[i] = i;
+      ranked.clear();
+      for (int64_t i = 0; i < n; ++i) {
+        if (prio_ptr != nullptr && prio_ptr[mine[i]] == -std::numeric_limits<double>::infinity()) {
+          keep[i] = 0;
+        } else {
+          ranked.push_back(i);
+        }
+      }
+      if (static_cast<int64_t>(ranked.size()) > C) {
         // (priority, j, t) is a total order, so the kept set is unique.
         std::sort(ranked.begin(), ranked.end(), [&](int64_t x, int64_t y) {
           return kernels::kept_before(mine[x], mine[y], k, prio_ptr);
         });
-        for (int64_t i = C; i < n; ++i) keep[ranked[i]] = 0;
+        for (size_t i = static_cast<size_t>(C); i < ranked.size(); ++i) keep[ranked[i]] = 0;
       }
       int64_t row = e * C;
       for (int64_t i = 0; i < n; ++i) {
@@ -124,8 +139,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cpu(const a
   return {row_of, token_of, counts, offsets};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice_plan_cpu(const at::Tensor& scores_in,
+                                                                                  int64_t capacity) {
+  check_expert_choice_plan(scores_in, capacity);
+  const at::Tensor scores = scores_in.to(routing_dtype(scores_in.scalar_type())).contiguous();
+  TORCH_CHECK(!at::isnan(scores).any().item<bool>(), "moe_ext: scores must not contain NaN");
+  const int64_t T = scores.size(0), E = scores.size(1), C = capacity;
+  const auto long_opts = scores.options().dtype(at::kLong);
+  at::Tensor row_of = at::full({T, E}, -1, long_opts);
+  at::Tensor token_of = at::full({E * C}, -1, long_opts);
+  at::Tensor counts = at::empty({E}, long_opts);
+  at::Tensor offsets = capacity_offsets(E, C, long_opts);
+  int64_t* row_ptr = row_of.mutable_data_ptr<int64_t>();
+  int64_t* token_ptr = token_of.mutable_data_ptr<int64_t>();
+  int64_t* count_ptr = counts.mutable_data_ptr<int64_t>();
+  const int64_t take = std::min(T, C);
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "expert_choice_plan_cpu", [&] {
+    const scalar_t* s = scores.const_data_ptr<scalar_t>();
+    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+      std::vector<int64_t> order(static_cast<size_t>(T));
+      for (int64_t e = e0; e < e1; ++e) {
+        for (int64_t t = 0; t < T; ++t) order[t] = t;
+        // Each expert takes its top-C tokens; ties go to the lower token index.
+        auto better = [&](int64_t a, int64_t b) { return kernels::outranks(s[a * E + e], a, s[b * E + e], b); };
+        std::nth_element(order.begin(), order.begin() + take, order.end(), better);
+        std::sort(order.begin(), order.begin() + take);  // rows in token order
+        for (int64_t i = 0; i < take; ++i) {
+          row_ptr[order[i] * E + e] = e * C + i;
+          token_ptr[e * C + i] = order[i];
+        }
+        count_ptr[e] = take;
+      }
+    });
+  });
+  return {row_of, token_of, counts, offsets};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_ext, CPU, m) { m.impl("make_plan", &make_plan_cpu); }
+TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
+  m.impl("make_plan", &make_plan_cpu);
+  m.impl("expert_choice_plan", &expert_choice_plan_cpu);
+}
 
 }  // namespace moe_ext

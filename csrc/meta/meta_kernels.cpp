@@ -37,6 +37,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_meta(const 
           at::empty({num_experts}, opts), at::empty({num_experts + 1}, opts)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice_plan_meta(const at::Tensor& scores,
+                                                                                   int64_t capacity) {
+  check_expert_choice_plan(scores, capacity);
+  const auto opts = scores.options().dtype(at::kLong);
+  const c10::SymInt E = scores.sym_size(1);
+  return {at::empty_symint(scores.sym_sizes(), opts), at::empty_symint({E * capacity}, opts),
+          at::empty_symint({E}, opts), at::empty_symint({E + 1}, opts)};
+}
+
 at::Tensor dispatch_meta(const at::Tensor& x, const at::Tensor& token_of, const at::Tensor& row_of) {
   check_dispatch(x, token_of, row_of);
   return at::empty_symint({token_of.sym_size(0), x.sym_size(1)}, x.options());
@@ -101,6 +110,7 @@ TORCH_LIBRARY_IMPL(moe_ext, Meta, m) {
   m.impl("topk_gating", &topk_gating_meta);
   m.impl("topk_gating_backward", &topk_gating_backward_meta);
   m.impl("make_plan", &make_plan_meta);
+  m.impl("expert_choice_plan", &expert_choice_plan_meta);
   m.impl("dispatch", &dispatch_meta);
   m.impl("dispatch_backward", &dispatch_backward_meta);
   m.impl("combine", &combine_meta);
