@@ -296,7 +296,7 @@ def test_training_loss_falls():
         ({"capacity_factor": -1.0}, "capacity_factor"),
         ({"score_func": "relu"}, "score_func"),
         ({"aux_loss_mode": "sometimes"}, "aux_loss_mode"),
-        ({"drop_policy": "random"}, "drop_policy"),
+        ({"drop_policy": "lottery"}, "drop_policy"),
         ({"num_experts": 0}, "num_experts"),
         ({"n_group": 3}, "n_group"),
     ],
