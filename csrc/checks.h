@@ -40,8 +40,7 @@ inline kernels::ScoreFunc check_topk_gating(const at::Tensor& logits, int64_t k,
   check_floating(logits, "logits");
   check_dim(logits, 2, "logits", "[T, E]");
   const c10::SymInt num_experts = logits.sym_size(1);
-  TORCH_CHECK(num_experts >= 1, "moe_ext: logits must have at least one expert column, got shape ",
-              logits.sym_sizes());
+  TORCH_CHECK(num_experts >= 1, "moe_ext: logits must have at least one expert column, got shape ", logits.sym_sizes());
   TORCH_CHECK(k >= 1 && num_experts >= k, "moe_ext: k must satisfy 1 <= k <= E = ", num_experts, ", got k = ", k);
   const auto func = parse_score_func(score_func);
   TORCH_CHECK(std::isfinite(scale), "moe_ext: scale must be finite, got ", scale);
@@ -63,11 +62,12 @@ inline kernels::ScoreFunc check_topk_gating(const at::Tensor& logits, int64_t k,
   }
   TORCH_CHECK(n_group >= 1, "moe_ext: n_group must be >= 1, got ", n_group);
   if (n_group > 1) {
-    TORCH_CHECK(num_experts % n_group == 0, "moe_ext: n_group = ", n_group, " must divide the number of experts E = ",
-                num_experts);
-    TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "moe_ext: topk_group must satisfy 1 <= topk_group <= n_group = ",
-                n_group, ", got ", topk_group);
-    TORCH_CHECK(num_experts / n_group * topk_group >= k, "moe_ext: k = ", k, " exceeds the experts in the kept groups (",
+    TORCH_CHECK(num_experts % n_group == 0, "moe_ext: n_group = ", n_group,
+                " must divide the number of experts E = ", num_experts);
+    TORCH_CHECK(topk_group >= 1 && topk_group <= n_group,
+                "moe_ext: topk_group must satisfy 1 <= topk_group <= n_group = ", n_group, ", got ", topk_group);
+    TORCH_CHECK(num_experts / n_group * topk_group >= k, "moe_ext: k = ", k,
+                " exceeds the experts in the kept groups (",
                 "topk_group * E / n_group = ", num_experts / n_group * topk_group, ")");
   }
   return func;
@@ -141,8 +141,9 @@ inline void check_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at:
   check_dim(offsets, 1, "offsets", "[E + 1]");
   TORCH_CHECK(offsets.sym_size(0) == w.sym_size(0) + 1, "moe_ext: offsets must have E + 1 = ", w.sym_size(0) + 1,
               " entries for w with E = ", w.sym_size(0), " experts, got ", offsets.sym_size(0));
-  TORCH_CHECK(w.sym_size(1) == x.sym_size(1), "moe_ext: w must have shape [E, in, out] with in = x.shape[1] = ",
-              x.sym_size(1), ", got ", w.sym_sizes());
+  TORCH_CHECK(w.sym_size(1) == x.sym_size(1),
+              "moe_ext: w must have shape [E, in, out] with in = x.shape[1] = ", x.sym_size(1), ", got ",
+              w.sym_sizes());
 }
 
 inline void check_load_balancing_loss(const at::Tensor& scores, const at::Tensor& indices, int64_t num_experts) {
@@ -164,8 +165,6 @@ inline void check_router_z_loss(const at::Tensor& logits) {
 }
 
 // Float accumulation dtype for routing outputs: float64 stays, all else float32.
-inline at::ScalarType routing_dtype(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType routing_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace moe_ext

@@ -41,10 +41,10 @@ static c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-#define MOE_EXT_OP_HANDLE(fn, name, ...)                                \
-  const c10::TypedOperatorHandle<__VA_ARGS__>& fn() {                    \
+#define MOE_EXT_OP_HANDLE(fn, name, ...)                               \
+  const c10::TypedOperatorHandle<__VA_ARGS__>& fn() {                  \
     static const auto handle = find_op<__VA_ARGS__>("moe_ext::" name); \
-    return handle;                                                      \
+    return handle;                                                     \
   }
 
 MOE_EXT_OP_HANDLE(topk_gating_op, "topk_gating",
@@ -82,17 +82,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating(const at::Tensor& log
                                                            const std::optional<at::Tensor>& bias, double scale,
                                                            int64_t n_group, int64_t topk_group,
                                                            const std::optional<at::Tensor>& expert_mask) {
-  return detail::topk_gating_op().call(logits, k, score_func, normalize, bias, scale, n_group, topk_group,
-                                       expert_mask);
+  return detail::topk_gating_op().call(logits, k, score_func, normalize, bias, scale, n_group, topk_group, expert_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan(const at::Tensor& indices, int64_t num_experts,
                                                                      std::optional<int64_t> capacity,
                                                                      const std::optional<at::Tensor>& priority) {
-  static const auto handle =
-      detail::find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-          const at::Tensor&, int64_t, std::optional<int64_t>, const std::optional<at::Tensor>&)>("moe_ext::make_plan");
+  static const auto handle = detail::find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, int64_t, std::optional<int64_t>, const std::optional<at::Tensor>&)>("moe_ext::make_plan");
   return handle.call(indices, num_experts, capacity, priority);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice_plan(const at::Tensor& scores,
+                                                                              int64_t capacity) {
+  static const auto handle =
+      detail::find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>(
+          "moe_ext::expert_choice_plan");
+  return handle.call(scores, capacity);
 }
 
 at::Tensor dispatch(const at::Tensor& x, const at::Tensor& token_of, const at::Tensor& row_of) {

@@ -10,18 +10,19 @@
 
 namespace moe_ext {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t k,
-                                                           std::string_view score_func = "softmax",
-                                                           bool normalize = true,
-                                                           const std::optional<at::Tensor>& bias = std::nullopt,
-                                                           double scale = 1.0, int64_t n_group = 1,
-                                                           int64_t topk_group = 1,
-                                                           const std::optional<at::Tensor>& expert_mask = std::nullopt);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating(
+    const at::Tensor& logits, int64_t k, std::string_view score_func = "softmax", bool normalize = true,
+    const std::optional<at::Tensor>& bias = std::nullopt, double scale = 1.0, int64_t n_group = 1,
+    int64_t topk_group = 1, const std::optional<at::Tensor>& expert_mask = std::nullopt);
 
 // (row_of, token_of, counts, offsets)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan(
     const at::Tensor& indices, int64_t num_experts, std::optional<int64_t> capacity = std::nullopt,
     const std::optional<at::Tensor>& priority = std::nullopt);
+
+// Expert-choice routing: (row_of [T, E], token_of [E*C], counts, offsets)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice_plan(const at::Tensor& scores,
+                                                                              int64_t capacity);
 
 at::Tensor dispatch(const at::Tensor& x, const at::Tensor& token_of, const at::Tensor& row_of);
 at::Tensor combine(const at::Tensor& y_sorted, const at::Tensor& weights, const at::Tensor& row_of,
@@ -36,26 +37,22 @@ const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, int64_t, c10::string_view, bool, const std::optional<at::Tensor>&, double, int64_t, int64_t,
     const std::optional<at::Tensor>&)>&
 topk_gating_op();
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, c10::string_view, bool, double, at::ScalarType)>&
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          c10::string_view, bool, double, at::ScalarType)>&
 topk_gating_backward_op();
 const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>& dispatch_op();
 const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>&
 dispatch_backward_op();
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&)>&
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>&
 combine_op();
-const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                  const at::Tensor&, const at::Tensor&,
-                                                                  const at::Tensor&)>&
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>&
 combine_backward_op();
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>&
-grouped_mm_op();
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>& grouped_mm_op();
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                   const at::Tensor&, const at::Tensor&)>&
 grouped_mm_backward_op();
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>&
-load_balancing_loss_op();
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>& load_balancing_loss_op();
 const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>&
 load_balancing_loss_backward_op();
 const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)>& router_z_loss_op();

@@ -66,8 +66,15 @@ def swap_in_moe(model: TinyLM, num_experts: int, top_k: int, ffn_width: int, aux
     """Replaces every block's dense FFN by an MoE layer; returns how many were swapped."""
     for block in model.blocks:
         width = block.norm2.normalized_shape[0]
-        block.ffn = moe_ext.MoE(width, ffn_width, num_experts, top_k=top_k, activation="swiglu",
-                                aux_loss_coef=aux_loss_coef, z_loss_coef=1e-3)
+        block.ffn = moe_ext.MoE(
+            width,
+            ffn_width,
+            num_experts,
+            top_k=top_k,
+            activation="swiglu",
+            aux_loss_coef=aux_loss_coef,
+            z_loss_coef=1e-3,
+        )
     return len(model.blocks)
 
 
@@ -75,8 +82,9 @@ def progress(step: int, total: int, loss: float, started: float) -> None:
     done = int(30 * step / total)
     elapsed = time.time() - started
     eta = elapsed / max(step, 1) * (total - step)
-    sys.stdout.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{total} loss {loss:.3f} "
-                     f"elapsed {elapsed:5.1f}s eta {eta:5.1f}s")
+    sys.stdout.write(
+        f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{total} loss {loss:.3f} elapsed {elapsed:5.1f}s eta {eta:5.1f}s"
+    )
     sys.stdout.flush()
 
 
@@ -134,8 +142,10 @@ def main() -> None:
     model = TinyLM(args.width, args.layers, heads=4, context=args.context)
     swapped = swap_in_moe(model, args.experts, args.top_k, ffn_width=2 * args.width, aux_loss_coef=args.aux_loss_coef)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.layers} blocks, width {args.width}, {swapped} FFNs swapped for moe_ext.MoE "
-          f"({args.experts} experts, top-{args.top_k}), {params:,} parameters, {torch.get_num_threads()} threads")
+    print(
+        f"model: {args.layers} blocks, width {args.width}, {swapped} FFNs swapped for moe_ext.MoE "
+        f"({args.experts} experts, top-{args.top_k}), {params:,} parameters, {torch.get_num_threads()} threads"
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -164,8 +174,10 @@ def main() -> None:
             window_counts.zero_()
             mean_loss = sum(losses[-args.log_every :]) / len(losses[-args.log_every :])
             sys.stdout.write("\r" + " " * 100 + "\r")
-            print(f"step {step:4d}  loss {mean_loss:.3f} (bits/byte {mean_loss / 0.6931:.2f})  "
-                  f"aux {float(moe_ext.aux_loss(model)):.4f}")
+            print(
+                f"step {step:4d}  loss {mean_loss:.3f} (bits/byte {mean_loss / 0.6931:.2f})  "
+                f"aux {float(moe_ext.aux_loss(model)):.4f}"
+            )
         progress(step, args.steps, losses[-1], started)
     print()
 
@@ -175,8 +187,10 @@ def main() -> None:
         for _ in range(8):
             inputs, targets = batch(valid)
             valid_losses.append(F.cross_entropy(model(inputs).reshape(-1, 256), targets.reshape(-1)).item())
-    print(f"validation loss {sum(valid_losses) / len(valid_losses):.3f} "
-          f"(first training steps: {sum(losses[:10]) / 10:.3f}); {time.time() - started:.1f}s total")
+    print(
+        f"validation loss {sum(valid_losses) / len(valid_losses):.3f} "
+        f"(first training steps: {sum(losses[:10]) / 10:.3f}); {time.time() - started:.1f}s total"
+    )
 
     os.makedirs(args.out, exist_ok=True)
     plot_path = os.path.join(args.out, "expert_utilization.png")
@@ -187,8 +201,10 @@ def main() -> None:
     print(f"{'layer':>5} {'max/mean':>9} {'CV':>6} {'entropy':>8} {'dropped':>8}  tokens per expert")
     for index, layer in enumerate(moe_layers):
         stats = layer.last_stats.as_dict()
-        print(f"{index:>5} {stats['load_imbalance']:>9.2f} {stats['load_cv']:>6.2f} "
-              f"{stats['router_entropy']:>8.3f} {stats['dropped']:>8d}  {stats['tokens_per_expert']}")
+        print(
+            f"{index:>5} {stats['load_imbalance']:>9.2f} {stats['load_cv']:>6.2f} "
+            f"{stats['router_entropy']:>8.3f} {stats['dropped']:>8d}  {stats['tokens_per_expert']}"
+        )
     print(f"(a uniform router has entropy ln({args.experts}) = {torch.tensor(float(args.experts)).log():.3f})")
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 _BUILD_HINT = (
-    "rebuild it against the installed torch from the repository root with "
-    "`pip install --no-build-isolation -e .`"
+    "rebuild it against the installed torch from the repository root with `pip install --no-build-isolation -e .`"
 )
 
 

@@ -38,9 +38,7 @@ class RoutingStats(NamedTuple):
 
     def as_dict(self) -> dict:
         """Python numbers and lists (this reads the tensors: one host sync)."""
-        return {
-            name: (value.tolist() if value.dim() else value.item()) for name, value in self._asdict().items()
-        }
+        return {name: (value.tolist() if value.dim() else value.item()) for name, value in self._asdict().items()}
 
 
 class _AuxLossInjector(torch.autograd.Function):
@@ -176,8 +174,11 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size),
-                            ("num_experts", num_experts)):
+        for name, value in (
+            ("hidden_size", hidden_size),
+            ("ffn_hidden_size", ffn_hidden_size),
+            ("num_experts", num_experts),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MoE: {name} must be a positive int, got {value!r}")
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -265,8 +266,7 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, **factory) if shared_expert_gate else None
         # False = expert disabled: never selected, its tokens go to their next-best experts.
         # A buffer (not a parameter, not saved): toggling it changes no shape and forces no recompile.
-        self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device),
-                             persistent=False)
+        self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device), persistent=False)
         self.reset_parameters()
         self.aux_loss: Tensor | None = None
         self.last_stats: RoutingStats | None = None
@@ -366,9 +366,7 @@ class MoE(nn.Module):
             allowed_mask = torch.zeros_like(self.expert_mask)
             allowed_mask[self._expert_ids(allowed, "restrict_experts")] = True
         if int((allowed_mask & self.expert_mask).sum()) < self.top_k:
-            raise ValueError(
-                f"MoE.restrict_experts: fewer than top_k = {self.top_k} allowed experts are enabled"
-            )
+            raise ValueError(f"MoE.restrict_experts: fewer than top_k = {self.top_k} allowed experts are enabled")
         self._restriction = (token_mask.to(self.expert_mask.device), allowed_mask)
         return _Restriction(self)
 
@@ -476,8 +474,15 @@ class MoE(nn.Module):
             indices = None
         else:
             weights, indices, scores = ops.topk_gating(
-                logits, self.top_k, self.score_func, self.normalize_weights, self.selection_bias,
-                self.routed_scaling_factor, self.n_group, self.topk_group, mask,
+                logits,
+                self.top_k,
+                self.score_func,
+                self.normalize_weights,
+                self.selection_bias,
+                self.routed_scaling_factor,
+                self.n_group,
+                self.topk_group,
+                mask,
             )
             priority = None
             if capacity is not None:

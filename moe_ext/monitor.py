@@ -94,20 +94,24 @@ class ExpertUsage:
         for i, (name, layer) in enumerate(self.layers):
             counts = routed[i, : layer.num_experts].double()
             mean = counts.mean().item()
-            rows.append({
-                "layer": name,
-                "forwards": int(self.forwards[i]),
-                "assignments": int(counts.sum()),
-                "dropped": int((routed[i] - kept[i]).sum()),
-                "max_over_mean": counts.max().item() / mean if mean > 0 else float("nan"),
-                "cv": counts.std(correction=0).item() / mean if mean > 0 else float("nan"),
-                "tokens_per_expert": routed[i, : layer.num_experts].tolist(),
-            })
+            rows.append(
+                {
+                    "layer": name,
+                    "forwards": int(self.forwards[i]),
+                    "assignments": int(counts.sum()),
+                    "dropped": int((routed[i] - kept[i]).sum()),
+                    "max_over_mean": counts.max().item() / mean if mean > 0 else float("nan"),
+                    "cv": counts.std(correction=0).item() / mean if mean > 0 else float("nan"),
+                    "tokens_per_expert": routed[i, : layer.num_experts].tolist(),
+                }
+            )
         return rows
 
     def report(self) -> str:
         """A text table of the accumulated usage, one line per layer."""
-        lines = [f"{'layer':<28} {'fwd':>5} {'assign':>9} {'dropped':>8} {'max/mean':>9} {'CV':>6}  share per expert (%)"]
+        lines = [
+            f"{'layer':<28} {'fwd':>5} {'assign':>9} {'dropped':>8} {'max/mean':>9} {'CV':>6}  share per expert (%)"
+        ]
         for row in self.summary():
             total = max(row["assignments"], 1)
             shares = " ".join(f"{100 * c / total:4.1f}" for c in row["tokens_per_expert"])
@@ -138,7 +142,7 @@ class ExpertUsage:
 
     def log_to(self, writer, step: int, prefix: str = "moe") -> None:
         """Logs per-layer max/mean, CV, dropped and the expert-load histogram to a SummaryWriter."""
-        for row, load in zip(self.summary(), self.load().cpu()):
+        for row, load in zip(self.summary(), self.load().cpu(), strict=True):
             tag = f"{prefix}/{row['layer']}"
             writer.add_scalar(f"{tag}/max_over_mean", row["max_over_mean"], step)
             writer.add_scalar(f"{tag}/cv", row["cv"], step)
@@ -193,8 +197,13 @@ class RoutingTrace:
         first = self._next_token.get(name, 0)
         self._next_token[name] = first + indices.shape[0]
         self.records[name].append(
-            (first, tuple(leading_shape), indices.to(torch.int16).cpu(), weights.to(torch.float16).cpu(),
-             (row_of < 0).cpu())
+            (
+                first,
+                tuple(leading_shape),
+                indices.to(torch.int16).cpu(),
+                weights.to(torch.float16).cpu(),
+                (row_of < 0).cpu(),
+            )
         )
 
     # ----- queries ------------------------------------------------------------------------------------
@@ -208,9 +217,16 @@ class RoutingTrace:
             raise KeyError(f"layer {layer!r} is not in the trace; layers: {self.layers}")
         rows = self.records[layer]
         if not rows:
-            return (torch.zeros(0, 0, dtype=torch.int16), torch.zeros(0, 0, dtype=torch.float16),
-                    torch.zeros(0, 0, dtype=torch.bool))
-        return (torch.cat([r[2] for r in rows]), torch.cat([r[3] for r in rows]), torch.cat([r[4] for r in rows]))
+            return (
+                torch.zeros(0, 0, dtype=torch.int16),
+                torch.zeros(0, 0, dtype=torch.float16),
+                torch.zeros(0, 0, dtype=torch.bool),
+            )
+        return (
+            torch.cat([r[2] for r in rows]),
+            torch.cat([r[3] for r in rows]),
+            torch.cat([r[4] for r in rows]),
+        )
 
     def experts(self, layer: str) -> Tensor:
         """[tokens, k] int16 chosen experts of every traced token in ``layer``."""
@@ -234,7 +250,7 @@ class RoutingTrace:
                 if first <= token < first + experts.shape[0]:
                     i = token - first
                     out[layer] = [
-                        (int(e), float(w), bool(d)) for e, w, d in zip(experts[i], weights[i], dropped[i])
+                        (int(e), float(w), bool(d)) for e, w, d in zip(experts[i], weights[i], dropped[i], strict=True)
                     ]
         return out
 
@@ -282,35 +298,52 @@ class RoutingTrace:
             flat_group = group_ids.repeat_interleave(k)[keep.flatten()]
             flat_expert = experts.flatten().long()[keep.flatten()]
             counts = torch.zeros(len(groups), E, dtype=torch.float64)
-            counts.index_put_((flat_group, flat_expert), torch.ones_like(flat_expert, dtype=torch.float64),
-                              accumulate=True)
+            counts.index_put_(
+                (flat_group, flat_expert), torch.ones_like(flat_expert, dtype=torch.float64), accumulate=True
+            )
             total = counts.sum(0)
             for g, name in enumerate(groups):
                 mine, rest = counts[g], total - counts[g]
                 p = mine / mine.sum().clamp(min=1)
                 q = rest / rest.sum().clamp(min=1)
                 everything = total / total.sum().clamp(min=1)
-                out.append(GroupSkew(
-                    layer=layer, group=name, tokens=int((group_ids == g).sum()), distribution=p,
-                    js_vs_rest=_js_divergence(p, q) if rest.sum() > 0 else 0.0,
-                    js_vs_all=_js_divergence(p, everything),
-                ))
+                out.append(
+                    GroupSkew(
+                        layer=layer,
+                        group=name,
+                        tokens=int((group_ids == g).sum()),
+                        distribution=p,
+                        js_vs_rest=_js_divergence(p, q) if rest.sum() > 0 else 0.0,
+                        js_vs_all=_js_divergence(p, everything),
+                    )
+                )
         return out
 
     # ----- persistence --------------------------------------------------------------------------------
 
     def save(self, path: str) -> None:
-        torch.save({"format": "moe_ext.RoutingTrace/1", "layers": self.layers, "num_experts": self.num_experts,
-                    "records": self.records, "next_token": self._next_token}, path)
+        torch.save(
+            {
+                "format": "moe_ext.RoutingTrace/1",
+                "layers": self.layers,
+                "num_experts": self.num_experts,
+                "records": self.records,
+                "next_token": self._next_token,
+            },
+            path,
+        )
 
     @classmethod
     def load(cls, path: str) -> RoutingTrace:
         data = torch.load(path, weights_only=True)
         if data.get("format") != "moe_ext.RoutingTrace/1":
             raise ValueError(f"{path} is not a moe_ext routing trace")
-        return cls(layers=list(data["layers"]), num_experts=dict(data["num_experts"]),
-                   records={k: [tuple(r) for r in v] for k, v in data["records"].items()},
-                   _next_token=dict(data["next_token"]))
+        return cls(
+            layers=list(data["layers"]),
+            num_experts=dict(data["num_experts"]),
+            records={k: [tuple(r) for r in v] for k, v in data["records"].items()},
+            _next_token=dict(data["next_token"]),
+        )
 
 
 @contextlib.contextmanager
@@ -320,9 +353,11 @@ def trace_routing(model: nn.Module) -> Iterator[RoutingTrace]:
     Off by default; when off the layers pay one ``is None`` check per forward.
     """
     layers = _moe_layers(model)
-    trace = RoutingTrace(layers=[name for name, _ in layers],
-                         num_experts={name: layer.num_experts for name, layer in layers},
-                         records={name: [] for name, _ in layers})
+    trace = RoutingTrace(
+        layers=[name for name, _ in layers],
+        num_experts={name: layer.num_experts for name, layer in layers},
+        records={name: [] for name, _ in layers},
+    )
     for name, layer in layers:
         if layer._trace_sink is not None:
             raise RuntimeError(f"layer {name} is already being traced")
@@ -333,5 +368,3 @@ def trace_routing(model: nn.Module) -> Iterator[RoutingTrace]:
     finally:
         for _, layer in layers:
             layer._trace_sink = None
-
-

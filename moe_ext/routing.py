@@ -76,7 +76,9 @@ def sequence_aux_loss(scores: Tensor, indices: Tensor, num_experts: int, leading
     normalized = scores / scores.sum(-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
     p = normalized.reshape(seqs, seq_len, num_experts).mean(1)
     hits = torch.zeros(seqs, num_experts, dtype=scores.dtype, device=scores.device)
-    hits.scatter_add_(1, indices.reshape(seqs, seq_len * k), torch.ones_like(indices.reshape(seqs, -1), dtype=scores.dtype))
+    hits.scatter_add_(
+        1, indices.reshape(seqs, seq_len * k), torch.ones_like(indices.reshape(seqs, -1), dtype=scores.dtype)
+    )
     f = hits * (num_experts / (k * seq_len))
     return (f * p).sum(-1).mean()
 
@@ -121,5 +123,3 @@ def balance_bias_update(bias: Tensor, counts: Tensor, rate: float) -> None:
     """Aux-loss-free balancing (Wang et al. 2024; DeepSeek-V3): b_e += rate * sign(mean load - load_e)."""
     load = counts.to(bias.dtype)
     bias.add_(rate * torch.sign(load.mean() - load))
-
-

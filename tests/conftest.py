@@ -66,7 +66,9 @@ def assert_equal(actual, expected, msg=""):
 
 def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, msg=""):
     """Same dtype, shape and bits (NaNs with the same payload compare equal)."""
-    assert a.dtype == b.dtype and a.shape == b.shape, f"{msg}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+    assert a.dtype == b.dtype and a.shape == b.shape, (
+        f"{msg}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+    )
     if a.is_floating_point():
         int_type = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
         a, b = a.contiguous().view(int_type), b.contiguous().view(int_type)

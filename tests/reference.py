@@ -72,7 +72,7 @@ def ref_selection_values(scores_row: torch.Tensor, bias=None) -> list[float]:
     sel = scores_row.detach().tolist()
     if bias is not None:
         b = _f64(bias).tolist()
-        sel = [s + bb for s, bb in zip(sel, b)]
+        sel = [s + bb for s, bb in zip(sel, b, strict=True)]
     return sel
 
 
@@ -166,26 +166,23 @@ def ref_dispatch(x: torch.Tensor, token_of: torch.Tensor) -> torch.Tensor:
     """x_sorted[r] = x[token_of[r]], zeros where token_of[r] == -1."""
     x = _f64(x)
     H = x.shape[1]
-    rows = []
-    for t in token_of.tolist():
-        rows.append(x[t] if t >= 0 else x.new_zeros(H))
-    return torch.stack(rows) if rows else x.new_zeros((0, H))
+    filled = token_of >= 0
+    x_sorted = x.new_zeros((token_of.shape[0], H))
+    # Built with one gather (not a Python loop over rows) so autograd through it stays cheap.
+    return x_sorted.index_put((filled.nonzero().flatten(),), x[token_of[filled]])
 
 
 def ref_combine(y_sorted: torch.Tensor, weights: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
     """y[t] = sum_j weights[t, j] * y_sorted[row_of[t, j]]; dropped (-1) assignments add nothing."""
     y_sorted, weights = _f64(y_sorted), _f64(weights)
     T, k = row_of.shape
-    H = y_sorted.shape[1]
-    rows = []
-    for t in range(T):
-        acc = y_sorted.new_zeros(H)
-        for j in range(k):
-            r = int(row_of[t, j])
-            if r >= 0:
-                acc = acc + weights[t, j] * y_sorted[r]
-        rows.append(acc)
-    return torch.stack(rows) if rows else y_sorted.new_zeros((0, H))
+    y = y_sorted.new_zeros((T, y_sorted.shape[1]))
+    tokens = torch.arange(T)
+    for j in range(k):  # choice j of every token at once
+        kept = row_of[:, j] >= 0
+        contribution = weights[kept, j, None] * y_sorted[row_of[kept, j]]
+        y = y.index_add(0, tokens[kept], contribution)
+    return y
 
 
 def ref_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

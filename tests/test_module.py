@@ -1,4 +1,4 @@
-"""moe_ext.MoE against a loop-over-experts float64 reference: outputs, every gradient, aux losses, compile, determinism."""
+"""moe_ext.MoE against a loop-over-experts float64 reference: outputs, gradients, aux losses, compile, determinism."""
 
 from __future__ import annotations
 
@@ -34,9 +34,7 @@ def loop_reference(layer: moe_ext.MoE, x: torch.Tensor) -> tuple[torch.Tensor, t
     if capacity is not None:
         for e in range(E):
             # first choices before second choices, then token order
-            assigned = sorted(
-                ((j, t) for t in range(T) for j in range(k) if top_index[t, j] == e), key=lambda jt: jt
-            )
+            assigned = sorted(((j, t) for t in range(T) for j in range(k) if top_index[t, j] == e), key=lambda jt: jt)
             for j, t in assigned[capacity:]:
                 kept[t, j] = False
     rows = []
@@ -172,8 +170,10 @@ def test_aux_loss_scale_scales_injected_gradient():
 
 
 def test_model_aux_loss_sums_layers():
-    model = torch.nn.Sequential(make_layer(aux_loss_coef=1.0, aux_loss_mode="manual", seed=1),
-                                make_layer(aux_loss_coef=1.0, aux_loss_mode="manual", seed=2))
+    model = torch.nn.Sequential(
+        make_layer(aux_loss_coef=1.0, aux_loss_mode="manual", seed=1),
+        make_layer(aux_loss_coef=1.0, aux_loss_mode="manual", seed=2),
+    )
     assert float(moe_ext.aux_loss(model)) == 0.0
     model(torch.randn(10, 8, dtype=torch.float64))
     total = model[0].aux_loss + model[1].aux_loss

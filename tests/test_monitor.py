@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import subprocess
@@ -265,8 +264,14 @@ def test_bitwise_reproducible_across_processes_and_thread_counts():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     digests = [
-        subprocess.run([sys.executable, "-c", REPRO_SCRIPT, threads], capture_output=True, text=True, env=env,
-                       timeout=300, check=True).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", REPRO_SCRIPT, threads],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=True,
+        ).stdout.strip()
         for threads in ("2", "2", "1")
     ]
     assert len(digests[0]) == 64 and len(set(digests)) == 1, digests

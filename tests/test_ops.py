@@ -13,11 +13,8 @@ import re
 from dataclasses import dataclass, field
 
 import pytest
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-import moe_ext  # noqa: F401  (loads the operator library)
 import reference as ref
+import torch
 from conftest import (
     ALL_DTYPES,
     DTYPE_IDS,
@@ -28,10 +25,21 @@ from conftest import (
     routing_dtype,
     tol,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moe_ext  # noqa: F401  (loads the operator library)
 from moe_ext import ops
 
 LIB = torch.ops.moe_ext
-OP_NAMES = ["topk_gating", "make_plan", "dispatch", "grouped_mm", "combine", "load_balancing_loss", "router_z_loss"]
+OP_NAMES = [
+    "topk_gating",
+    "make_plan",
+    "dispatch",
+    "grouped_mm",
+    "combine",
+    "load_balancing_loss",
+    "router_z_loss",
+]
 DIFFERENTIABLE_OPS = [name for name in OP_NAMES if name != "make_plan"]
 
 # Positional arguments of the ops.<name> wrappers (DESIGN.md); everything else goes by keyword.
@@ -85,11 +93,7 @@ class Sample:
     extra: dict = field(default_factory=dict)  # test-only metadata (never passed to the op)
 
     def differentiable_inputs(self):
-        return {
-            n: v
-            for n, v in self.named.items()
-            if isinstance(v, torch.Tensor) and v.requires_grad
-        }
+        return {n: v for n, v in self.named.items() if isinstance(v, torch.Tensor) and v.requires_grad}
 
 
 def call_op(op_name: str, named: dict):
@@ -189,7 +193,12 @@ def gating_variant_kwargs(variant: str, E: int, dtype, g) -> dict:
         return {"n_group": n_group, "topk_group": topk_group, "expert_mask": _mask(E, variant)}
     if variant == "deepseek":
         n_group, topk_group = GROUP_CONFIG[E]
-        return {"bias": _rand(E, g, bias_dtype, 0.3), "scale": 2.5, "n_group": n_group, "topk_group": topk_group}
+        return {
+            "bias": _rand(E, g, bias_dtype, 0.3),
+            "scale": 2.5,
+            "n_group": n_group,
+            "topk_group": topk_group,
+        }
     raise AssertionError(variant)
 
 
@@ -200,21 +209,23 @@ def _min_selection_gap(logits64: torch.Tensor, k: int, kw: dict) -> float:
     E = logits64.shape[1]
     mask = kw.get("expert_mask")
     enabled = [True] * E if mask is None else [bool(v) for v in mask.tolist()]
-    n_group, topk_group = kw.get("n_group", 1), kw.get("topk_group", 1)
+    n_group = kw.get("n_group", 1)
     gap = math.inf
     for t in range(logits64.shape[0]):
         sel = ref.ref_selection_values(scores[t], kw.get("bias"))
         vals = sorted(sel[e] for e in range(E) if enabled[e])
-        gap = min([gap] + [b - a for a, b in zip(vals, vals[1:])])
+        gap = min([gap] + [b - a for a, b in zip(vals, vals[1:], strict=False)])
         if n_group > 1:
             size = E // n_group
             gs = []
             for gi in range(n_group):
-                members = sorted((sel[e] for e in range(gi * size, (gi + 1) * size) if enabled[e]), reverse=True)
+                members = sorted(
+                    (sel[e] for e in range(gi * size, (gi + 1) * size) if enabled[e]), reverse=True
+                )
                 if members:
                     gs.append(sum(members[:2]))
             gs.sort()
-            gap = min([gap] + [b - a for a, b in zip(gs, gs[1:])])
+            gap = min([gap] + [b - a for a, b in zip(gs, gs[1:], strict=False)])
     return gap
 
 
@@ -250,24 +261,29 @@ def make_indices(T, E, k, g) -> torch.Tensor:
 def plan_kwargs(T, E, k, mode, g) -> dict:
     if mode == "dropless":
         return {}
+    # At least 1 so T = 0 exercises padded empty rows; capacity 0 has its own mode.
+    overflowing = max(1, math.ceil(0.5 * T * k / E))
     if mode == "capacity":
-        return {"capacity": math.ceil(0.5 * T * k / E)}
+        return {"capacity": overflowing}
     if mode == "capacity0":
         return {"capacity": 0}
     if mode == "capacity_nodrop":
-        return {"capacity": T * k}
+        return {"capacity": max(1, T * k)}
     if mode == "priority":
         # Few distinct levels, so ties in priority exercise the (j, t) tie-break.
         priority = torch.randint(0, 4, (T, k), generator=g).to(torch.float32) / 4
-        return {"capacity": math.ceil(0.5 * T * k / E), "priority": priority}
+        return {"capacity": overflowing, "priority": priority}
     raise AssertionError(mode)
 
 
 def make_plan_sample(T, E, k, mode="dropless") -> Sample:
     g = make_generator("plan", T, E, k, mode)
     indices = make_indices(T, E, k, g)
-    return Sample("make_plan", {"indices": indices, "num_experts": E, **plan_kwargs(T, E, k, mode, g)},
-                  f"T={T} E={E} k={k} {mode}")
+    return Sample(
+        "make_plan",
+        {"indices": indices, "num_experts": E, **plan_kwargs(T, E, k, mode, g)},
+        f"T={T} E={E} k={k} {mode}",
+    )
 
 
 def reference_plan(T, E, k, mode, g):
@@ -279,31 +295,37 @@ def reference_plan(T, E, k, mode, g):
 # --- dispatch / grouped_mm / combine ---------------------------------------------------------
 
 
-def dispatch_sample(T, E, k, dtype, mode="dropless", requires_grad=False) -> Sample:
+def dispatch_sample(T, E, k, dtype, mode="dropless", requires_grad=False, hidden=H) -> Sample:
     g = make_generator("dispatch", T, E, k, dtype, mode)
     plan, _ = reference_plan(T, E, k, mode, g)
-    x = _rand((T, H), g, dtype, requires_grad=requires_grad)
+    x = _rand((T, hidden), g, dtype, requires_grad=requires_grad)
     return Sample("dispatch", {"x": x, "plan": plan}, f"T={T} E={E} k={k} {dtype} {mode}")
 
 
-def grouped_mm_sample(T, E, k, dtype, mode="dropless", requires_grad=False) -> Sample:
+def grouped_mm_sample(T, E, k, dtype, mode="dropless", requires_grad=False, dims=(IN, OUT)) -> Sample:
     g = make_generator("grouped_mm", T, E, k, dtype, mode)
     plan, _ = reference_plan(T, E, k, mode, g)
     N = plan.token_of.shape[0]
-    x = _rand((N, IN), g, dtype, requires_grad=requires_grad)
-    w = _rand((E, IN, OUT), g, dtype, 1 / math.sqrt(IN), requires_grad=requires_grad)
-    return Sample("grouped_mm", {"x_sorted": x, "w": w, "offsets": plan.offsets}, f"T={T} E={E} k={k} {dtype} {mode}")
+    d_in, d_out = dims
+    x = _rand((N, d_in), g, dtype, requires_grad=requires_grad)
+    w = _rand((E, d_in, d_out), g, dtype, 1 / math.sqrt(d_in), requires_grad=requires_grad)
+    return Sample(
+        "grouped_mm", {"x_sorted": x, "w": w, "offsets": plan.offsets}, f"T={T} E={E} k={k} {dtype} {mode}"
+    )
 
 
-def combine_sample(T, E, k, dtype, mode="dropless", requires_grad=False) -> Sample:
+def combine_sample(T, E, k, dtype, mode="dropless", requires_grad=False, hidden=H) -> Sample:
     g = make_generator("combine", T, E, k, dtype, mode)
     plan, _ = reference_plan(T, E, k, mode, g)
     N = plan.token_of.shape[0]
-    y_sorted = _rand((N, H), g, dtype, requires_grad=requires_grad)
+    y_sorted = _rand((N, hidden), g, dtype, requires_grad=requires_grad)
     weights = torch.rand((T, k), generator=g, dtype=torch.float64).to(routing_dtype(dtype))
     weights.requires_grad_(requires_grad)
-    return Sample("combine", {"y_sorted": y_sorted, "weights": weights, "plan": plan},
-                  f"T={T} E={E} k={k} {dtype} {mode}")
+    return Sample(
+        "combine",
+        {"y_sorted": y_sorted, "weights": weights, "plan": plan},
+        f"T={T} E={E} k={k} {dtype} {mode}",
+    )
 
 
 # --- losses ----------------------------------------------------------------------------------
@@ -314,8 +336,11 @@ def load_balancing_loss_sample(T, E, k, dtype, requires_grad=False) -> Sample:
     scores64 = torch.softmax(torch.randn((T, E), generator=g, dtype=torch.float64), dim=1)
     indices = make_indices(T, E, k, g)
     scores = scores64.to(dtype).requires_grad_(requires_grad)
-    return Sample("load_balancing_loss", {"scores": scores, "indices": indices, "num_experts": E},
-                  f"T={T} E={E} k={k} {dtype}")
+    return Sample(
+        "load_balancing_loss",
+        {"scores": scores, "indices": indices, "num_experts": E},
+        f"T={T} E={E} k={k} {dtype}",
+    )
 
 
 def router_z_loss_sample(T, E, dtype, requires_grad=False) -> Sample:
@@ -330,11 +355,11 @@ def sample_for(op, T, E, k, dtype, requires_grad=False, mode="dropless", **kw) -
     if op == "make_plan":
         return make_plan_sample(T, E, k, mode)
     if op == "dispatch":
-        return dispatch_sample(T, E, k, dtype, mode, requires_grad)
+        return dispatch_sample(T, E, k, dtype, mode, requires_grad, **kw)
     if op == "grouped_mm":
-        return grouped_mm_sample(T, E, k, dtype, mode, requires_grad)
+        return grouped_mm_sample(T, E, k, dtype, mode, requires_grad, **kw)
     if op == "combine":
-        return combine_sample(T, E, k, dtype, mode, requires_grad)
+        return combine_sample(T, E, k, dtype, mode, requires_grad, **kw)
     if op == "load_balancing_loss":
         return load_balancing_loss_sample(T, E, k, dtype, requires_grad)
     if op == "router_z_loss":
@@ -353,11 +378,11 @@ def _leaf64(t: torch.Tensor) -> torch.Tensor:
 
 def _grads(outputs, inputs, grad_outputs):
     """d(sum(out * gout))/d(inputs); zeros for inputs the outputs do not depend on."""
-    pairs = [(o, go) for o, go in zip(outputs, grad_outputs) if o.requires_grad]
+    pairs = [(o, go) for o, go in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
     if not pairs:
         return [torch.zeros_like(i) for i in inputs]
     got = torch.autograd.grad([p[0] for p in pairs], inputs, [p[1] for p in pairs], allow_unused=True)
-    return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, got)]
+    return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, got, strict=True)]
 
 
 def _grad_outputs(outputs, seed):
@@ -373,9 +398,9 @@ def _ref_weights_at(scores64: torch.Tensor, indices: torch.Tensor, normalize: bo
 
 
 def _check_gating_indices(indices, ref_indices, ref_scores, named):
-    """Indices must equal the reference's; a different choice is accepted only between selection
-    values that differ by less than the routing precision (never between exact ties: those go to
-    the lower expert index)."""
+    """Indices must equal the reference's. Where they differ, the op's choice must still be a valid
+    top-k of the float64 selection values up to the routing precision (float32 rounding can merge
+    near-equal values into ties), and exact float64 ties must still go to the lower expert index."""
     logits = named["logits"]
     T, E = logits.shape
     k = named["k"]
@@ -383,29 +408,39 @@ def _check_gating_indices(indices, ref_indices, ref_scores, named):
     mask = named.get("expert_mask")
     enabled = [True] * E if mask is None else [bool(v) for v in mask.tolist()]
     near = 1e-12 if logits.dtype == torch.float64 else 2e-6
-    assert indices.min().item() >= 0 if indices.numel() else True, f"negative index: {indices}"
-    assert indices.max().item() < E if indices.numel() else True, f"index >= E={E}: {indices}"
+    if indices.numel():
+        assert 0 <= indices.min().item() and indices.max().item() < E, f"index outside [0, {E}): {indices}"
     differing = (indices != ref_indices).any(dim=1).nonzero().flatten().tolist()
     for t in differing:
         sel = ref.ref_selection_values(ref_scores[t], bias)
         got, want = indices[t].tolist(), ref_indices[t].tolist()
-        candidates = ref.ref_selection_candidates(sel, enabled, named.get("n_group", 1), named.get("topk_group", 1))
+        candidates = ref.ref_selection_candidates(
+            sel, enabled, named.get("n_group", 1), named.get("topk_group", 1)
+        )
+        slack = near * max(1.0, max(abs(v) for v in sel))
         problem = None
         if len(set(got)) != k:
             problem = "repeated expert"
         elif any(e not in candidates for e in got):
             problem = "non-candidate expert (disabled or outside the kept groups)"
-        else:
-            for j in range(k):
-                diff = abs(sel[got[j]] - sel[want[j]])
-                if diff > near * max(1.0, abs(sel[want[j]])) or (diff == 0 and bias is None and got[j] != want[j]):
-                    problem = f"position {j}: expert {got[j]} (sel {sel[got[j]]!r}) vs {want[j]} (sel {sel[want[j]]!r})"
-                    break
+        elif any(sel[got[j]] < sel[got[j + 1]] - slack for j in range(k - 1)):
+            problem = "not in descending selection order"
+        elif any(sel[e] > min(sel[p] for p in got) + slack for e in candidates if e not in got):
+            problem = "an unselected candidate has a clearly larger selection value"
+        elif bias is None:
+            # Exact float64 ties (no bias) are exact ties in any precision: lower index first.
+            for i in range(k):
+                for j in range(i + 1, k):
+                    if sel[got[i]] == sel[got[j]] and got[i] > got[j]:
+                        problem = f"tie between experts {got[j]} and {got[i]} ordered higher index first"
+                for e in candidates:
+                    if e not in got and sel[e] == sel[got[i]] and e < got[i]:
+                        problem = f"tie: expert {got[i]} selected over lower-index expert {e}"
         if problem:
             raise AssertionError(
                 f"token {t}: indices {got}, reference {want}: {problem}\n"
                 f"logits[{t}] = {logits[t].tolist()}\nselection = {sel}\nkwargs = "
-                f"{ {n: v for n, v in named.items() if n not in ('logits',)} }"
+                f"{ {n: v for n, v in named.items() if n != 'logits'} }"
             )
 
 
@@ -416,10 +451,15 @@ def check_topk_gating(sample: Sample):
     opts = {n: v for n, v in named.items() if n not in ("logits", "k")}
     weights, indices, scores = call_op("topk_gating", named)
     rd = routing_dtype(logits.dtype)
-    assert weights.dtype == rd and scores.dtype == rd, f"weights {weights.dtype}, scores {scores.dtype}, want {rd}"
+    assert weights.dtype == rd and scores.dtype == rd, (
+        f"weights {weights.dtype}, scores {scores.dtype}, want {rd}"
+    )
     assert indices.dtype == torch.int64, indices.dtype
     assert weights.shape == (T, k) and indices.shape == (T, k) and scores.shape == (T, E), (
-        weights.shape, indices.shape, scores.shape)
+        weights.shape,
+        indices.shape,
+        scores.shape,
+    )
 
     logits64 = _leaf64(logits)
     ref_w, ref_i, ref_s = ref.ref_topk_gating(logits64, k, **opts)
@@ -441,8 +481,10 @@ def check_make_plan(sample: Sample):
     named = sample.named
     plan = call_op("make_plan", named)
     assert isinstance(plan, tuple) and type(plan).__name__ == "RoutingPlan", type(plan)
-    want = ref.ref_make_plan(named["indices"], named["num_experts"], named.get("capacity"), named.get("priority"))
-    for name, got, exp in zip(("row_of", "token_of", "counts", "offsets"), plan, want):
+    want = ref.ref_make_plan(
+        named["indices"], named["num_experts"], named.get("capacity"), named.get("priority")
+    )
+    for name, got, exp in zip(("row_of", "token_of", "counts", "offsets"), plan, want, strict=True):
         assert_equal(got, exp, f"{name} ({sample.desc})")
     assert plan._fields == ("row_of", "token_of", "counts", "offsets")
     return plan
@@ -480,8 +522,13 @@ def check_grouped_mm(sample: Sample):
         assert_close(got[0], exp[0], x.dtype, f"d x_sorted ({sample.desc})")
         rows = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
         rtol, atol = tol(x.dtype).values()
-        torch.testing.assert_close(got[1].double(), exp[1], rtol=rtol, atol=atol * max(1.0, math.sqrt(rows)),
-                                   msg=lambda m: f"d w ({sample.desc})\n{m}")
+        torch.testing.assert_close(
+            got[1].double(),
+            exp[1],
+            rtol=rtol,
+            atol=atol * max(1.0, math.sqrt(rows)),
+            msg=lambda m: f"d w ({sample.desc})\n{m}",
+        )
     return out
 
 
@@ -510,8 +557,9 @@ def check_load_balancing_loss(sample: Sample):
     scores, indices, E = sample.named["scores"], sample.named["indices"], sample.named["num_experts"]
     out = call_op("load_balancing_loss", sample.named)
     assert out.shape == (), out.shape
-    assert out.dtype in (scores.dtype, torch.float32) and (scores.dtype != torch.float64 or out.dtype == torch.float64), (
-        f"loss dtype {out.dtype} for scores {scores.dtype}")
+    assert out.dtype in (scores.dtype, torch.float32) and (
+        scores.dtype != torch.float64 or out.dtype == torch.float64
+    ), f"loss dtype {out.dtype} for scores {scores.dtype}"
     s64 = _leaf64(scores)
     want = ref.ref_load_balancing_loss(s64, indices, E)
     assert_close(out, want.detach(), scores.dtype, f"loss ({sample.desc})")
@@ -527,8 +575,9 @@ def check_router_z_loss(sample: Sample):
     logits = sample.named["logits"]
     out = call_op("router_z_loss", sample.named)
     assert out.shape == (), out.shape
-    assert out.dtype in (logits.dtype, torch.float32) and (logits.dtype != torch.float64 or out.dtype == torch.float64), (
-        f"loss dtype {out.dtype} for logits {logits.dtype}")
+    assert out.dtype in (logits.dtype, torch.float32) and (
+        logits.dtype != torch.float64 or out.dtype == torch.float64
+    ), f"loss dtype {out.dtype} for logits {logits.dtype}"
     l64 = _leaf64(logits)
     want = ref.ref_router_z_loss(l64)
     # The loss is a square of values ~log(E) + max logit: compare relative to its size.
@@ -584,7 +633,15 @@ def test_topk_gating_values(T, E, k, dtype, score_func):
     check_topk_gating(gating_sample(T, E, k, dtype, score_func=score_func, requires_grad=True))
 
 
-GATING_OPTION_SHAPES = [(7, 8, 2), (300, 64, 2), (300, 8, 1), (300, 64, 1), (1, 64, 2), (0, 8, 2), (300, 2, 1)]
+GATING_OPTION_SHAPES = [
+    (7, 8, 2),
+    (300, 64, 2),
+    (300, 8, 1),
+    (300, 64, 1),
+    (1, 64, 2),
+    (0, 8, 2),
+    (300, 2, 1),
+]
 GATING_OPTION_CASES = [
     pytest.param(T, E, k, v, id=f"T{T}-E{E}-k{k}-{v}")
     for v in GATING_VARIANTS[1:]
@@ -605,8 +662,11 @@ def test_topk_gating_options(T, E, k, variant, dtype, score_func):
         assert (scores[:, disabled] == 0).all(), "disabled experts must score 0"
         assert not disabled[indices].any(), "a disabled expert was selected"
     if named.get("normalize", True) and T > 0:
-        torch.testing.assert_close(weights.sum(1).double(), torch.full((T,), float(named.get("scale", 1.0)),
-                                                                         dtype=torch.float64), **tol(torch.float32))
+        torch.testing.assert_close(
+            weights.sum(1).double(),
+            torch.full((T,), float(named.get("scale", 1.0)), dtype=torch.float64),
+            **tol(torch.float32),
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
@@ -622,8 +682,13 @@ def test_topk_gating_bias_only_affects_selection(dtype, score_func):
     assert (indices[:, 0] == E - 1).all(), indices
     torch.testing.assert_close(weights[:, 0], scores[:, E - 1], rtol=0, atol=0)
     assert (weights[:, 0] < 1.0).all(), "bias leaked into the weights"
-    check_topk_gating(Sample("topk_gating", {"logits": logits, "k": k, "score_func": score_func,
-                                              "normalize": False, "bias": bias}, "bias"))
+    check_topk_gating(
+        Sample(
+            "topk_gating",
+            {"logits": logits, "k": k, "score_func": score_func, "normalize": False, "bias": bias},
+            "bias",
+        )
+    )
 
 
 # Hand-written tie cases: (logits rows, k, kwargs, expected indices). Exact ties in every dtype.
@@ -635,6 +700,13 @@ TIE_CASES = {
     "bias_breaks": ([[2.0, 0.0, 0.0, 0.0]], 2, {"bias": [0.0, 0.0, 0.0, 4.0]}, [[3, 0]]),
     "mask_ties": ([[0.0, 0.0, 0.0, 0.0]], 1, {"expert_mask": [False, True, False, True]}, [[1]]),
     "mask_ties_k2": ([[5.0, 0.0, 5.0, 0.0]], 2, {"expert_mask": [False, True, True, True]}, [[2, 1]]),
+    # A disabled expert stays out however large its bias.
+    "mask_beats_bias": (
+        [[0.0, 0.0, 0.0, 0.0]],
+        2,
+        {"bias": [9.0, 0.0, 0.0, 0.0], "expert_mask": [False, True, True, True]},
+        [[1, 2]],
+    ),
     # Groups {0,1} {2,3} {4,5} {6,7}: groups 1 and 2 tie (3 + 2 = 2 + 3) and beat the others;
     # topk_group=1 keeps group 1 (lower index), so expert 4 (logit 3, group 2) is not a candidate.
     "group_ties": ([[0.0, 0.0, 2.0, 3.0, 3.0, 2.0, 0.0, 0.0]], 2, {"n_group": 4, "topk_group": 1}, [[3, 2]]),
@@ -686,6 +758,27 @@ def test_topk_gating_known_values():
     torch.testing.assert_close(weights, 2.5 * s[:, [0, 2]] / s[:, [0, 2]].sum())
 
 
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_topk_gating_large_logits_are_stable(dtype, score_func):
+    # |logits| up to ~1000 (~60000 in float16 range is avoided): a naive exp overflows.
+    g = make_generator("large", dtype, score_func)
+    big = 100.0 if dtype != torch.float16 else 20.0
+    logits = _rand((64, 16), g, dtype, big)
+    weights, indices, scores = check_topk_gating(
+        Sample("topk_gating", {"logits": logits, "k": 4, "score_func": score_func}, "large logits")
+    )
+    assert torch.isfinite(weights).all() and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_make_plan_priority_dtypes(dtype):
+    # Priority values are exact in every dtype (multiples of 1/4), with many ties.
+    sample = make_plan_sample(300, 8, 2, "priority")
+    sample.named["priority"] = sample.named["priority"].to(dtype)
+    check_make_plan(sample)
+
+
 @pytest.mark.parametrize("mode", PLAN_MODES)
 @pytest.mark.parametrize("T,E,k", SHAPES, ids=SHAPE_IDS)
 def test_make_plan_values(T, E, k, mode):
@@ -713,7 +806,7 @@ def test_make_plan_known_values():
     # with priority: higher kept first.
     priority = torch.tensor([[0.1, 0.9], [0.2, 0.5], [0.8, 0.7], [0.3, 0.4]])
     plan = ops.make_plan(indices, 3, capacity=2, priority=priority)
-    # expert 0: (0,1) 0.9, (2,0) 0.8, (3,1) 0.4 -> tokens 0, 2; expert 1: (0,0) .1, (1,0) .2, (2,1) .7, (3,0) .3
+    # expert 0: (0,1) .9, (2,0) .8, (3,1) .4 -> tokens 0, 2; expert 1: (0,0) .1, (1,0) .2, (2,1) .7, (3,0) .3
     # -> tokens 2, 3; expert 2: (1,1) -> token 1.
     assert plan.token_of.tolist() == [0, 2, 2, 3, 1, -1]
     assert plan.row_of.tolist() == [[-1, 0], [-1, 4], [1, 2], [3, -1]]
@@ -737,7 +830,7 @@ def test_make_plan_repeated_expert_in_a_token():
         except (RuntimeError, ValueError) as error:
             assert re.search(arg_pattern("indices"), str(error)), str(error)
             continue
-        for name, got, exp in zip(plan._fields, plan, ref.ref_make_plan(indices, 3, capacity)):
+        for name, got, exp in zip(plan._fields, plan, ref.ref_make_plan(indices, 3, capacity), strict=True):
             assert_equal(got, exp, f"{name} capacity={capacity}")
 
 
@@ -786,15 +879,19 @@ def test_load_balancing_loss_values(T, E, k, dtype):
 
 def test_load_balancing_loss_known_values():
     # Perfectly balanced router: uniform scores, every expert chosen equally often -> k.
-    T, E, k = 8, 4, 2
+    T, E = 8, 4
     scores = torch.full((T, E), 1.0 / E, dtype=torch.float64)
     indices = torch.tensor([[0, 1], [2, 3]] * 4)
-    torch.testing.assert_close(ops.load_balancing_loss(scores, indices, E), torch.tensor(2.0, dtype=torch.float64))
+    torch.testing.assert_close(
+        ops.load_balancing_loss(scores, indices, E), torch.tensor(2.0, dtype=torch.float64)
+    )
     # All tokens to expert 0 with score 1 -> E.
     scores = torch.zeros((T, E), dtype=torch.float64)
     scores[:, 0] = 1
     indices = torch.zeros((T, 1), dtype=torch.int64)
-    torch.testing.assert_close(ops.load_balancing_loss(scores, indices, E), torch.tensor(4.0, dtype=torch.float64))
+    torch.testing.assert_close(
+        ops.load_balancing_loss(scores, indices, E), torch.tensor(4.0, dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
@@ -820,7 +917,7 @@ def test_empty_pipeline_runs_end_to_end():
     y = ops.combine(ops.grouped_mm(ops.dispatch(x, plan), w, plan.offsets), weights, plan)
     loss = y.sum() + ops.load_balancing_loss(scores, indices, E) + ops.router_z_loss(logits)
     assert y.shape == (0, H)
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
     loss.backward()
     assert logits.grad.shape == (0, E) and x.grad.shape == (0, H)
     assert (w.grad == 0).all()
@@ -845,6 +942,55 @@ def test_pipeline_matches_dense_reference(dtype, capacity):
             if row_of[t, j] >= 0:
                 expected[t] += weights[t, j].double() * (x[t].double() @ w[indices[t, j]].double())
     assert_close(y, expected, dtype, "pipeline")
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_topk_gating_minus_inf_logits(dtype, score_func):
+    # -inf logits (a common way to mask experts) have a meaningful answer: score 0, last choice.
+    logits = torch.tensor(
+        [[0.0, -math.inf, 1.0, -math.inf], [-math.inf, 2.0, -math.inf, -math.inf]], dtype=dtype
+    )
+    logits.requires_grad_(True)
+    weights, indices, scores = check_topk_gating(
+        Sample("topk_gating", {"logits": logits, "k": 3, "score_func": score_func}, "-inf logits")
+    )
+    assert indices.tolist() == [[2, 0, 1], [1, 0, 2]]
+    assert torch.isfinite(weights).all()
+
+
+LARGE_CASES = [
+    pytest.param("topk_gating", {"score_func": "sigmoid", "variant": "deepseek"}, id="topk_gating-deepseek"),
+    pytest.param("topk_gating", {"variant": "mask"}, id="topk_gating-mask"),
+    pytest.param("make_plan", {"mode": "dropless"}, id="make_plan-dropless"),
+    pytest.param("make_plan", {"mode": "capacity"}, id="make_plan-capacity"),
+    pytest.param("make_plan", {"mode": "priority"}, id="make_plan-priority"),
+    pytest.param("dispatch", {"mode": "capacity"}, id="dispatch"),
+    pytest.param("combine", {"mode": "capacity"}, id="combine"),
+    pytest.param("grouped_mm", {"mode": "dropless"}, id="grouped_mm"),
+    pytest.param("load_balancing_loss", {}, id="load_balancing_loss"),
+    pytest.param("router_z_loss", {}, id="router_z_loss"),
+]
+
+
+@pytest.mark.parametrize("op,kw", LARGE_CASES)
+def test_large_inputs_values(op, kw):
+    # Enough tokens for every parallel / chunked code path; values still match the reference.
+    dtype = torch.float32
+    T, E, k = (2048, 64, 8) if op != "grouped_mm" else (1024, 16, 4)
+    check = CHECKERS[op]
+    check(sample_for(op, T, E, k, dtype, requires_grad=op != "topk_gating", **kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("op", ["dispatch", "combine", "grouped_mm"])
+def test_wide_feature_dims(op, dtype):
+    # Feature sizes that are not a multiple of any vector width.
+    if op == "grouped_mm":
+        sample = grouped_mm_sample(37, 8, 2, dtype, "capacity", requires_grad=True, dims=(257, 131))
+    else:
+        sample = sample_for(op, 37, 8, 2, dtype, requires_grad=True, mode="capacity", hidden=1001)
+    CHECKERS[op](sample)
 
 
 # --------------------------------------------------------------------------------------------
@@ -872,7 +1018,7 @@ def test_raw_op_matches_wrapper(op, spec):
     wrapped = list(wrapped) if isinstance(wrapped, tuple) else [wrapped]
     raw = list(raw) if isinstance(raw, (tuple, list)) else [raw]
     assert len(raw) == len(wrapped)
-    for a, b in zip(raw, wrapped):
+    for a, b in zip(raw, wrapped, strict=True):
         assert_bitwise_equal(a, b, op)
     CHECKERS[op](sample)
 
@@ -892,12 +1038,13 @@ GRADCHECK_GATING = [
 @pytest.mark.parametrize("score_func,normalize,variant", GRADCHECK_GATING)
 def test_topk_gating_gradcheck(score_func, normalize, variant):
     for T, E, k in [(5, 8, 2), (3, 8, 8)] if variant in ("default", "scale") else [(5, 8, 2)]:
-        sample = gating_sample(T, E, k, torch.float64, score_func=score_func, variant=variant,
-                               requires_grad=True, tie_free=True)
+        sample = gating_sample(
+            T, E, k, torch.float64, score_func=score_func, variant=variant, requires_grad=True, tie_free=True
+        )
         named = {**sample.named, "normalize": normalize}
         logits = named.pop("logits")
 
-        def fn(lg):
+        def fn(lg, named=named):
             weights, _, scores = call_op("topk_gating", {"logits": lg, **named})
             return weights, scores
 
@@ -943,7 +1090,8 @@ def test_load_balancing_loss_gradcheck():
     sample = load_balancing_loss_sample(7, 8, 2, torch.float64, requires_grad=True)
     named = sample.named
     assert torch.autograd.gradcheck(
-        lambda s: ops.load_balancing_loss(s, named["indices"], named["num_experts"]), (named["scores"],))
+        lambda s: ops.load_balancing_loss(s, named["indices"], named["num_experts"]), (named["scores"],)
+    )
 
 
 def test_router_z_loss_gradcheck():
@@ -960,7 +1108,9 @@ def opcheck_samples(op: str) -> list[Sample]:
     if op == "topk_gating":
         return [
             gating_sample(7, 8, 2, torch.float32, requires_grad=True),
-            gating_sample(7, 8, 2, torch.float64, score_func="sigmoid", variant="deepseek", requires_grad=True),
+            gating_sample(
+                7, 8, 2, torch.float64, score_func="sigmoid", variant="deepseek", requires_grad=True
+            ),
             gating_sample(7, 8, 2, torch.bfloat16, variant="mask_group"),
             gating_sample(0, 8, 2, torch.float32, requires_grad=True),
         ]
@@ -976,19 +1126,30 @@ def opcheck_samples(op: str) -> list[Sample]:
             sample_for(op, 0, 8, 2, torch.float32, requires_grad=True),
         ]
     if op == "load_balancing_loss":
-        return [sample_for(op, 7, 8, 2, d, requires_grad=rg) for d, rg in
-                ((torch.float32, True), (torch.float64, True), (torch.bfloat16, False))]
+        return [
+            sample_for(op, 7, 8, 2, d, requires_grad=rg)
+            for d, rg in ((torch.float32, True), (torch.float64, True), (torch.bfloat16, False))
+        ]
     if op == "router_z_loss":
-        return [sample_for(op, 7, 8, 2, d, requires_grad=rg) for d, rg in
-                ((torch.float32, True), (torch.float64, True), (torch.bfloat16, False))]
+        return [
+            sample_for(op, 7, 8, 2, d, requires_grad=rg)
+            for d, rg in ((torch.float32, True), (torch.float64, True), (torch.bfloat16, False))
+        ]
     raise AssertionError(op)
 
 
-@pytest.mark.parametrize("op", OP_NAMES)
-def test_opcheck(op):
-    for sample in opcheck_samples(op):
-        args, kwargs = raw_args(op, sample.named)
-        torch.library.opcheck(getattr(LIB, op).default, args, kwargs)
+OPCHECK_CASES = [
+    pytest.param(op, i, id=f"{op}-{sample.desc.replace(' ', '-').replace('torch.', '')}")
+    for op in OP_NAMES
+    for i, sample in enumerate(opcheck_samples(op))
+]
+
+
+@pytest.mark.parametrize("op,index", OPCHECK_CASES)
+def test_opcheck(op, index):
+    sample = opcheck_samples(op)[index]
+    args, kwargs = raw_args(op, sample.named)
+    torch.library.opcheck(getattr(LIB, op).default, args, kwargs)
 
 
 class _RecordMoeCalls(TorchDispatchMode):
@@ -1060,7 +1221,11 @@ def _plan_named(**over):
 
 
 def _ref_plan(T=3, E=4, k=2, capacity=None):
-    indices = torch.stack([torch.arange(k) + t for t in range(T)]) % E if T else torch.zeros((0, k), dtype=torch.int64)
+    indices = (
+        torch.stack([torch.arange(k) + t for t in range(T)]) % E
+        if T
+        else torch.zeros((0, k), dtype=torch.int64)
+    )
     return plan_type()(*ref.ref_make_plan(indices, E, capacity))
 
 
@@ -1075,54 +1240,258 @@ BAD_INPUTS = [
     ("topk_gating", "k_zero", lambda: _gating(k=0), ("k",)),
     ("topk_gating", "k_negative", lambda: _gating(k=-1), ("k",)),
     ("topk_gating", "k_gt_E", lambda: _gating(k=9), ("k",)),
-    ("topk_gating", "logits_nan", lambda: _gating(logits=torch.randn(4, 8).index_put_((torch.tensor(2), torch.tensor(3)), torch.tensor(float("nan")))), ("logits",)),
+    (
+        "topk_gating",
+        "logits_nan",
+        lambda: _gating(
+            logits=torch.randn(4, 8).index_put_(
+                (torch.tensor(2), torch.tensor(3)), torch.tensor(float("nan"))
+            )
+        ),
+        ("logits",),
+    ),
     ("topk_gating", "bias_shape", lambda: _gating(bias=torch.zeros(9)), ("bias",)),
     ("topk_gating", "bias_2d", lambda: _gating(bias=torch.zeros(1, 8)), ("bias",)),
     ("topk_gating", "n_group_not_dividing", lambda: _gating(n_group=3, topk_group=1), ("n_group",)),
     ("topk_gating", "topk_group_gt_n_group", lambda: _gating(n_group=4, topk_group=5), ("topk_group",)),
-    ("topk_gating", "too_few_group_candidates", lambda: _gating(k=3, n_group=4, topk_group=1), ("k", "topk_group", "n_group")),
-    ("topk_gating", "expert_mask_shape", lambda: _gating(expert_mask=torch.ones(7, dtype=torch.bool)), ("expert_mask",)),
-    ("topk_gating", "too_few_enabled", lambda: _gating(k=2, expert_mask=torch.tensor([True] + [False] * 7)), ("k", "expert_mask")),
+    (
+        "topk_gating",
+        "too_few_group_candidates",
+        lambda: _gating(k=3, n_group=4, topk_group=1),
+        ("k", "topk_group", "n_group"),
+    ),
+    (
+        "topk_gating",
+        "expert_mask_shape",
+        lambda: _gating(expert_mask=torch.ones(7, dtype=torch.bool)),
+        ("expert_mask",),
+    ),
+    (
+        "topk_gating",
+        "too_few_enabled",
+        lambda: _gating(k=2, expert_mask=torch.tensor([True] + [False] * 7)),
+        ("k", "expert_mask"),
+    ),
     ("topk_gating", "score_func", lambda: _gating(score_func="relu"), ("score_func",)),
     # make_plan
     ("make_plan", "indices_1d", lambda: _plan_named(indices=torch.tensor([0, 1, 2])), ("indices",)),
     ("make_plan", "indices_float", lambda: _plan_named(indices=torch.zeros(3, 2)), ("indices",)),
-    ("make_plan", "index_negative", lambda: _plan_named(indices=torch.tensor([[0, 1], [-1, 3], [1, 0]])), ("indices",)),
-    ("make_plan", "index_eq_E", lambda: _plan_named(indices=torch.tensor([[0, 1], [4, 3], [1, 0]])), ("indices",)),
-    ("make_plan", "index_gt_E", lambda: _plan_named(indices=torch.tensor([[0, 1], [2, 3], [1, 1000]])), ("indices",)),
+    (
+        "make_plan",
+        "index_negative",
+        lambda: _plan_named(indices=torch.tensor([[0, 1], [-1, 3], [1, 0]])),
+        ("indices",),
+    ),
+    (
+        "make_plan",
+        "index_eq_E",
+        lambda: _plan_named(indices=torch.tensor([[0, 1], [4, 3], [1, 0]])),
+        ("indices",),
+    ),
+    (
+        "make_plan",
+        "index_gt_E",
+        lambda: _plan_named(indices=torch.tensor([[0, 1], [2, 3], [1, 1000]])),
+        ("indices",),
+    ),
     ("make_plan", "num_experts_zero", lambda: _plan_named(num_experts=0), ("num_experts",)),
     ("make_plan", "num_experts_negative", lambda: _plan_named(num_experts=-2), ("num_experts",)),
     ("make_plan", "capacity_negative", lambda: _plan_named(capacity=-1), ("capacity",)),
-    ("make_plan", "priority_shape", lambda: _plan_named(capacity=1, priority=torch.zeros(3, 3)), ("priority",)),
+    (
+        "make_plan",
+        "priority_shape",
+        lambda: _plan_named(capacity=1, priority=torch.zeros(3, 3)),
+        ("priority",),
+    ),
     # dispatch
     ("dispatch", "x_1d", lambda: {"x": torch.randn(3), "plan": _ref_plan()}, ("x",)),
-    ("dispatch", "x_rows", lambda: {"x": torch.randn(5, 4), "plan": _ref_plan()}, ("x", "plan", "token_of", "row_of")),
-    ("dispatch", "token_of_range", lambda: {"x": torch.randn(3, 4), "plan": _bad_plan(token_of=torch.tensor([0, 1, 2, 3, 0, 1]))}, ("token_of", "plan", "x")),
-    ("dispatch", "token_of_float", lambda: {"x": torch.randn(3, 4), "plan": _bad_plan(token_of=_ref_plan().token_of.float())}, ("token_of", "plan")),
+    (
+        "dispatch",
+        "x_rows",
+        lambda: {"x": torch.randn(5, 4), "plan": _ref_plan()},
+        ("x", "plan", "token_of", "row_of"),
+    ),
+    (
+        "dispatch",
+        "token_of_range",
+        lambda: {"x": torch.randn(3, 4), "plan": _bad_plan(token_of=torch.tensor([0, 1, 2, 3, 0, 1]))},
+        ("token_of", "plan", "x"),
+    ),
+    (
+        "dispatch",
+        "token_of_float",
+        lambda: {"x": torch.randn(3, 4), "plan": _bad_plan(token_of=_ref_plan().token_of.float())},
+        ("token_of", "plan"),
+    ),
     # grouped_mm
-    ("grouped_mm", "x_1d", lambda: {"x_sorted": torch.randn(6), "w": torch.randn(4, 6, 5), "offsets": torch.tensor([0, 1, 2, 3, 6])}, ("x", "x_sorted")),
-    ("grouped_mm", "w_2d", lambda: {"x_sorted": torch.randn(6, 3), "w": torch.randn(3, 5), "offsets": torch.tensor([0, 1, 2, 3, 6])}, ("w",)),
-    ("grouped_mm", "mismatched_in", lambda: {"x_sorted": torch.randn(6, 3), "w": torch.randn(4, 4, 5), "offsets": torch.tensor([0, 1, 2, 3, 6])}, ("x", "x_sorted", "w")),
-    ("grouped_mm", "w_experts", lambda: {"x_sorted": torch.randn(6, 3), "w": torch.randn(5, 3, 5), "offsets": torch.tensor([0, 1, 2, 3, 6])}, ("w", "offsets")),
-    ("grouped_mm", "offsets_end", lambda: {"x_sorted": torch.randn(6, 3), "w": torch.randn(4, 3, 5), "offsets": torch.tensor([0, 1, 2, 3, 7])}, ("offsets",)),
-    ("grouped_mm", "offsets_decreasing", lambda: {"x_sorted": torch.randn(6, 3), "w": torch.randn(4, 3, 5), "offsets": torch.tensor([0, 3, 2, 4, 6])}, ("offsets",)),
-    ("grouped_mm", "offsets_float", lambda: {"x_sorted": torch.randn(6, 3), "w": torch.randn(4, 3, 5), "offsets": torch.tensor([0.0, 1, 2, 3, 6])}, ("offsets",)),
-    ("grouped_mm", "dtype_mismatch", lambda: {"x_sorted": torch.randn(6, 3), "w": torch.randn(4, 3, 5, dtype=torch.float64), "offsets": torch.tensor([0, 1, 2, 3, 6])}, ("x", "x_sorted", "w")),
+    (
+        "grouped_mm",
+        "x_1d",
+        lambda: {
+            "x_sorted": torch.randn(6),
+            "w": torch.randn(4, 6, 5),
+            "offsets": torch.tensor([0, 1, 2, 3, 6]),
+        },
+        ("x", "x_sorted"),
+    ),
+    (
+        "grouped_mm",
+        "w_2d",
+        lambda: {
+            "x_sorted": torch.randn(6, 3),
+            "w": torch.randn(3, 5),
+            "offsets": torch.tensor([0, 1, 2, 3, 6]),
+        },
+        ("w",),
+    ),
+    (
+        "grouped_mm",
+        "mismatched_in",
+        lambda: {
+            "x_sorted": torch.randn(6, 3),
+            "w": torch.randn(4, 4, 5),
+            "offsets": torch.tensor([0, 1, 2, 3, 6]),
+        },
+        ("x", "x_sorted", "w"),
+    ),
+    (
+        "grouped_mm",
+        "w_experts",
+        lambda: {
+            "x_sorted": torch.randn(6, 3),
+            "w": torch.randn(5, 3, 5),
+            "offsets": torch.tensor([0, 1, 2, 3, 6]),
+        },
+        ("w", "offsets"),
+    ),
+    (
+        "grouped_mm",
+        "offsets_end",
+        lambda: {
+            "x_sorted": torch.randn(6, 3),
+            "w": torch.randn(4, 3, 5),
+            "offsets": torch.tensor([0, 1, 2, 3, 7]),
+        },
+        ("offsets",),
+    ),
+    (
+        "grouped_mm",
+        "offsets_decreasing",
+        lambda: {
+            "x_sorted": torch.randn(6, 3),
+            "w": torch.randn(4, 3, 5),
+            "offsets": torch.tensor([0, 3, 2, 4, 6]),
+        },
+        ("offsets",),
+    ),
+    (
+        "grouped_mm",
+        "offsets_float",
+        lambda: {
+            "x_sorted": torch.randn(6, 3),
+            "w": torch.randn(4, 3, 5),
+            "offsets": torch.tensor([0.0, 1, 2, 3, 6]),
+        },
+        ("offsets",),
+    ),
+    (
+        "grouped_mm",
+        "dtype_mismatch",
+        lambda: {
+            "x_sorted": torch.randn(6, 3),
+            "w": torch.randn(4, 3, 5, dtype=torch.float64),
+            "offsets": torch.tensor([0, 1, 2, 3, 6]),
+        },
+        ("x", "x_sorted", "w"),
+    ),
     # combine
-    ("combine", "y_sorted_1d", lambda: {"y_sorted": torch.randn(6), "weights": torch.rand(3, 2), "plan": _ref_plan()}, ("y_sorted",)),
-    ("combine", "weights_shape", lambda: {"y_sorted": torch.randn(6, 4), "weights": torch.rand(3, 3), "plan": _ref_plan()}, ("weights", "plan", "row_of")),
-    ("combine", "weights_tokens", lambda: {"y_sorted": torch.randn(6, 4), "weights": torch.rand(4, 2), "plan": _ref_plan()}, ("weights", "plan", "row_of")),
-    ("combine", "weights_1d", lambda: {"y_sorted": torch.randn(6, 4), "weights": torch.rand(6), "plan": _ref_plan()}, ("weights",)),
-    ("combine", "y_sorted_rows", lambda: {"y_sorted": torch.randn(5, 4), "weights": torch.rand(3, 2), "plan": _ref_plan()}, ("y_sorted", "plan", "token_of")),
-    ("combine", "row_of_range", lambda: {"y_sorted": torch.randn(6, 4), "weights": torch.rand(3, 2), "plan": _bad_plan(row_of=torch.tensor([[0, 1], [2, 6], [4, 5]]))}, ("row_of", "plan")),
+    (
+        "combine",
+        "y_sorted_1d",
+        lambda: {"y_sorted": torch.randn(6), "weights": torch.rand(3, 2), "plan": _ref_plan()},
+        ("y_sorted",),
+    ),
+    (
+        "combine",
+        "weights_shape",
+        lambda: {"y_sorted": torch.randn(6, 4), "weights": torch.rand(3, 3), "plan": _ref_plan()},
+        ("weights", "plan", "row_of"),
+    ),
+    (
+        "combine",
+        "weights_tokens",
+        lambda: {"y_sorted": torch.randn(6, 4), "weights": torch.rand(4, 2), "plan": _ref_plan()},
+        ("weights", "plan", "row_of"),
+    ),
+    (
+        "combine",
+        "weights_1d",
+        lambda: {"y_sorted": torch.randn(6, 4), "weights": torch.rand(6), "plan": _ref_plan()},
+        ("weights",),
+    ),
+    (
+        "combine",
+        "y_sorted_rows",
+        lambda: {"y_sorted": torch.randn(5, 4), "weights": torch.rand(3, 2), "plan": _ref_plan()},
+        ("y_sorted", "plan", "token_of"),
+    ),
+    (
+        "combine",
+        "row_of_range",
+        lambda: {
+            "y_sorted": torch.randn(6, 4),
+            "weights": torch.rand(3, 2),
+            "plan": _bad_plan(row_of=torch.tensor([[0, 1], [2, 6], [4, 5]])),
+        },
+        ("row_of", "plan"),
+    ),
     # load_balancing_loss
-    ("load_balancing_loss", "scores_1d", lambda: {"scores": torch.rand(8), "indices": torch.zeros(8, 1, dtype=torch.int64), "num_experts": 8}, ("scores",)),
-    ("load_balancing_loss", "scores_int", lambda: {"scores": torch.ones(3, 4, dtype=torch.int64), "indices": torch.zeros(3, 1, dtype=torch.int64), "num_experts": 4}, ("scores",)),
-    ("load_balancing_loss", "index_negative", lambda: {"scores": torch.rand(3, 4), "indices": torch.tensor([[0], [-1], [2]]), "num_experts": 4}, ("indices",)),
-    ("load_balancing_loss", "index_eq_E", lambda: {"scores": torch.rand(3, 4), "indices": torch.tensor([[0], [4], [2]]), "num_experts": 4}, ("indices",)),
-    ("load_balancing_loss", "scores_experts", lambda: {"scores": torch.rand(3, 5), "indices": torch.tensor([[0], [1], [2]]), "num_experts": 4}, ("scores", "num_experts")),
-    ("load_balancing_loss", "indices_tokens", lambda: {"scores": torch.rand(3, 4), "indices": torch.tensor([[0], [1]]), "num_experts": 4}, ("indices", "scores")),
-    ("load_balancing_loss", "indices_float", lambda: {"scores": torch.rand(3, 4), "indices": torch.zeros(3, 1), "num_experts": 4}, ("indices",)),
+    (
+        "load_balancing_loss",
+        "scores_1d",
+        lambda: {"scores": torch.rand(8), "indices": torch.zeros(8, 1, dtype=torch.int64), "num_experts": 8},
+        ("scores",),
+    ),
+    (
+        "load_balancing_loss",
+        "scores_int",
+        lambda: {
+            "scores": torch.ones(3, 4, dtype=torch.int64),
+            "indices": torch.zeros(3, 1, dtype=torch.int64),
+            "num_experts": 4,
+        },
+        ("scores",),
+    ),
+    (
+        "load_balancing_loss",
+        "index_negative",
+        lambda: {"scores": torch.rand(3, 4), "indices": torch.tensor([[0], [-1], [2]]), "num_experts": 4},
+        ("indices",),
+    ),
+    (
+        "load_balancing_loss",
+        "index_eq_E",
+        lambda: {"scores": torch.rand(3, 4), "indices": torch.tensor([[0], [4], [2]]), "num_experts": 4},
+        ("indices",),
+    ),
+    (
+        "load_balancing_loss",
+        "scores_experts",
+        lambda: {"scores": torch.rand(3, 5), "indices": torch.tensor([[0], [1], [2]]), "num_experts": 4},
+        ("scores", "num_experts"),
+    ),
+    (
+        "load_balancing_loss",
+        "indices_tokens",
+        lambda: {"scores": torch.rand(3, 4), "indices": torch.tensor([[0], [1]]), "num_experts": 4},
+        ("indices", "scores"),
+    ),
+    (
+        "load_balancing_loss",
+        "indices_float",
+        lambda: {"scores": torch.rand(3, 4), "indices": torch.zeros(3, 1), "num_experts": 4},
+        ("indices",),
+    ),
     # router_z_loss
     ("router_z_loss", "logits_1d", lambda: {"logits": torch.randn(8)}, ("logits",)),
     ("router_z_loss", "logits_int", lambda: {"logits": torch.ones(3, 4, dtype=torch.int64)}, ("logits",)),
@@ -1174,7 +1543,9 @@ def _noncontig_named(named: dict, how: str) -> dict:
     for n, v in named.items():
         if isinstance(v, torch.Tensor) and v.dim() >= 1:
             # expanded 1-D tensors (bias, mask, offsets) would change values: slice them instead.
-            out[n] = _noncontig(v, how if (how != "expanded" or (v.dim() >= 2 and n != "offsets")) else "sliced")
+            out[n] = _noncontig(
+                v, how if (how != "expanded" or (v.dim() >= 2 and n != "offsets")) else "sliced"
+            )
         elif isinstance(v, tuple) and hasattr(v, "_fields"):
             out[n] = type(v)(*[_noncontig(f, "sliced" if how == "expanded" else how) for f in v])
         else:
@@ -1190,16 +1561,25 @@ def test_noncontiguous_inputs(name, how):
     named = _noncontig_named(sample.named, how)
     tensors = [v for v in named.values() if isinstance(v, torch.Tensor) and v.dim() >= 1]
     assert any(not t.is_contiguous() for t in tensors), "sample is not non-contiguous"
-    contiguous = {n: (v.contiguous() if isinstance(v, torch.Tensor) else
-                      type(v)(*[f.contiguous() for f in v]) if isinstance(v, tuple) and hasattr(v, "_fields") else v)
-                  for n, v in named.items()}
+    contiguous = {
+        n: (
+            v.contiguous()
+            if isinstance(v, torch.Tensor)
+            else type(v)(*[f.contiguous() for f in v])
+            if isinstance(v, tuple) and hasattr(v, "_fields")
+            else v
+        )
+        for n, v in named.items()
+    }
     got = call_op(op, named)
     want = call_op(op, contiguous)
     got = list(got) if isinstance(got, tuple) else [got]
     want = list(want) if isinstance(want, tuple) else [want]
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         if a.is_floating_point():
-            assert_close(a, b.double(), a.dtype if a.dtype != torch.float64 else torch.float32, f"{name} {how}")
+            assert_close(
+                a, b.double(), a.dtype if a.dtype != torch.float64 else torch.float32, f"{name} {how}"
+            )
         else:
             assert_equal(a, b, f"{name} {how}")
     # ... and both agree with the reference.
@@ -1213,24 +1593,29 @@ def test_noncontiguous_inputs(name, how):
 
 def _run_with_grads(sample: Sample):
     """Forward outputs and gradients of all differentiable inputs, detached."""
-    named = {n: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
-             for n, v in sample.named.items()}
+    named = {
+        n: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+        for n, v in sample.named.items()
+    }
     outs = call_op(sample.op, named)
     outs = list(outs) if isinstance(outs, tuple) else [outs]
     diff = [v for v in named.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     results = [o.detach() for o in outs]
     if diff:
         float_outs = [o for o in outs if o.requires_grad]
-        gouts = [torch.randn(o.shape, generator=make_generator("det", i), dtype=torch.float64).to(o.dtype)
-                 for i, o in enumerate(float_outs)]
+        gouts = [
+            torch.randn(o.shape, generator=make_generator("det", i), dtype=torch.float64).to(o.dtype)
+            for i, o in enumerate(float_outs)
+        ]
         results += list(torch.autograd.grad(float_outs, diff, gouts, allow_unused=True))
     return [r for r in results if r is not None]
 
 
 DETERMINISM_SAMPLES = {
     "topk_gating": lambda d: gating_sample(4096, 64, 8, d, requires_grad=True),
-    "topk_gating_deepseek": lambda d: gating_sample(4096, 64, 8, d, score_func="sigmoid", variant="deepseek",
-                                                    requires_grad=True),
+    "topk_gating_deepseek": lambda d: gating_sample(
+        4096, 64, 8, d, score_func="sigmoid", variant="deepseek", requires_grad=True
+    ),
     "make_plan": lambda d: make_plan_sample(4096, 64, 8, "dropless"),
     "make_plan_priority": lambda d: make_plan_sample(4096, 64, 8, "priority"),
     "make_plan_capacity": lambda d: make_plan_sample(4096, 64, 8, "capacity"),
@@ -1258,6 +1643,6 @@ def test_deterministic_across_runs_and_threads(name, dtype, restore_num_threads)
     torch.set_num_threads(1)
     single = _run_with_grads(sample)
     assert len(first) == len(second) == len(single)
-    for i, (a, b, c) in enumerate(zip(first, second, single)):
+    for i, (a, b, c) in enumerate(zip(first, second, single, strict=True)):
         assert_bitwise_equal(a, b, f"{name} output {i}: two runs")
         assert_bitwise_equal(a, c, f"{name} output {i}: 2 threads vs 1 thread")

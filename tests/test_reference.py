@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import reference as ref
+import torch
 
 
 def _logits(T, E, seed=0):
@@ -94,7 +93,7 @@ def test_plan_capacity_switch_priority():
         rows = token_of[e * C : (e + 1) * C]
         kept_tokens = sorted(t for t in range(T) for j in range(k) if kept[t, j] and indices[t, j] == e)
         assert rows[rows >= 0].tolist() == kept_tokens
-        assert (rows[len(kept_tokens):] == -1).all()
+        assert (rows[len(kept_tokens) :] == -1).all()
     for t in range(T):
         for j in range(k):
             if row_of[t, j] >= 0:
@@ -130,3 +129,25 @@ def test_losses_match_transformers_formulas():
     assert float(ref.ref_router_z_loss(logits[:0])) == 0.0
     assert float(ref.ref_load_balancing_loss(scores[:0], indices[:0], E)) == 0.0
     assert not math.isnan(float(ref.ref_router_z_loss(torch.tensor([[1000.0, 999.0]]))))
+
+
+def test_dispatch_combine_with_drops_match_loops():
+    g = torch.Generator().manual_seed(7)
+    T, E, k, C = 12, 3, 2, 3
+    indices = torch.tensor([[0, 1]] * T)
+    indices[3] = torch.tensor([2, 0])  # expert 2 gets one assignment: two empty padded rows
+    row_of, token_of, _, _ = ref.ref_make_plan(indices, E, capacity=C)
+    assert (row_of == -1).any() and (token_of == -1).any()
+    x = torch.randn(T, 4, generator=g, dtype=torch.float64)
+    x_sorted = ref.ref_dispatch(x, token_of)
+    for r, t in enumerate(token_of.tolist()):
+        assert torch.equal(x_sorted[r], x[t] if t >= 0 else torch.zeros(4, dtype=torch.float64))
+    weights = torch.rand(T, k, generator=g, dtype=torch.float64)
+    y = ref.ref_combine(x_sorted, weights, row_of)
+    for t in range(T):
+        expected = sum(
+            (weights[t, j] * x_sorted[row_of[t, j]] for j in range(k) if row_of[t, j] >= 0),
+            torch.zeros(4, dtype=torch.float64),
+        )
+        torch.testing.assert_close(y[t], expected)
+    assert ref.ref_combine(x_sorted[:0], weights, torch.full((T, k), -1)).abs().sum() == 0

@@ -13,8 +13,8 @@ class TopkGating : public torch::autograd::Function<TopkGating> {
                                bool normalize, const std::optional<at::Tensor>& bias, double scale, int64_t n_group,
                                int64_t topk_group, const std::optional<at::Tensor>& expert_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [weights, indices, scores] = detail::topk_gating_op().call(logits, k, score_func, normalize, bias, scale,
-                                                                    n_group, topk_group, expert_mask);
+    auto [weights, indices, scores] =
+        detail::topk_gating_op().call(logits, k, score_func, normalize, bias, scale, n_group, topk_group, expert_mask);
     ctx->save_for_backward({scores, indices});
     ctx->saved_data["score_func"] = std::string(score_func);
     ctx->saved_data["normalize"] = normalize;
@@ -29,17 +29,18 @@ class TopkGating : public torch::autograd::Function<TopkGating> {
     const auto saved = ctx->get_saved_variables();
     const std::string score_func = ctx->saved_data["score_func"].toStringRef();
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["logits_dtype"].toInt());
-    at::Tensor grad_logits = detail::topk_gating_backward_op().call(
-        grads[0], grads[2], saved[0], saved[1], score_func, ctx->saved_data["normalize"].toBool(),
-        ctx->saved_data["scale"].toDouble(), dtype);
+    at::Tensor grad_logits = detail::topk_gating_backward_op().call(grads[0], grads[2], saved[0], saved[1], score_func,
+                                                                    ctx->saved_data["normalize"].toBool(),
+                                                                    ctx->saved_data["scale"].toDouble(), dtype);
     return {grad_logits, {}, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_autograd(
-    const at::Tensor& logits, int64_t k, c10::string_view score_func, bool normalize,
-    const std::optional<at::Tensor>& bias, double scale, int64_t n_group, int64_t topk_group,
-    const std::optional<at::Tensor>& expert_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_autograd(const at::Tensor& logits, int64_t k,
+                                                                    c10::string_view score_func, bool normalize,
+                                                                    const std::optional<at::Tensor>& bias, double scale,
+                                                                    int64_t n_group, int64_t topk_group,
+                                                                    const std::optional<at::Tensor>& expert_mask) {
   auto out = TopkGating::apply(logits, k, score_func, normalize, bias, scale, n_group, topk_group, expert_mask);
   return {out[0], out[1], out[2]};
 }

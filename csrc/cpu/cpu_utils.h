@@ -15,8 +15,7 @@ class FirstFailure {
  public:
   void record(int64_t item) {
     int64_t current = first_.load(std::memory_order_relaxed);
-    while ((current < 0 || item < current) &&
-           !first_.compare_exchange_weak(current, item, std::memory_order_relaxed)) {
+    while ((current < 0 || item < current) && !first_.compare_exchange_weak(current, item, std::memory_order_relaxed)) {
     }
   }
   int64_t get() const { return first_.load(std::memory_order_relaxed); }

@@ -20,8 +20,8 @@ int64_t token_grain(int64_t num_experts) { return std::max<int64_t>(1, 4096 / st
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& logits_in, int64_t k,
                                                                c10::string_view score_func, bool normalize,
-                                                               const std::optional<at::Tensor>& bias,
-                                                               double scale, int64_t n_group, int64_t topk_group,
+                                                               const std::optional<at::Tensor>& bias, double scale,
+                                                               int64_t n_group, int64_t topk_group,
                                                                const std::optional<at::Tensor>& expert_mask) {
   const auto func = check_topk_gating(logits_in, k, score_func, bias, scale, n_group, topk_group, expert_mask);
   const at::Tensor logits = logits_in.contiguous();

@@ -20,8 +20,9 @@ std::vector<int64_t> expert_counts(const at::Tensor& indices_in, int64_t num_exp
   std::vector<int64_t> counts(static_cast<size_t>(num_experts), 0);
   const int64_t first_bad =
       kernels::count_experts(indices.const_data_ptr<int64_t>(), 0, indices.numel(), num_experts, counts.data());
-  TORCH_CHECK(first_bad < 0, "moe_ext: indices holds ", indices.const_data_ptr<int64_t>()[std::max<int64_t>(first_bad, 0)],
-              " at flat position ", first_bad, ", outside [0, num_experts = ", num_experts, ")");
+  TORCH_CHECK(first_bad < 0, "moe_ext: indices holds ",
+              indices.const_data_ptr<int64_t>()[std::max<int64_t>(first_bad, 0)], " at flat position ", first_bad,
+              ", outside [0, num_experts = ", num_experts, ")");
   return counts;
 }
 

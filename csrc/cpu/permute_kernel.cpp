@@ -42,30 +42,27 @@ void validate_plan(const at::Tensor& row_of, const at::Tensor& token_of) {
   const int64_t* rows = row_of.const_data_ptr<int64_t>();
   const int64_t* tokens = token_of.const_data_ptr<int64_t>();
   cpu::FirstFailure bad_token, bad_row;
-  std::atomic<int> token_error{0}, row_error{0};
   at::parallel_for(0, T, 2048, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const PlanError e = kernels::check_token_rows(rows + t * k, k, t, tokens, N);
-      if (e != PlanError::kOk) {
-        bad_token.record(t);
-        token_error.store(static_cast<int>(e));
-      }
+      if (kernels::check_token_rows(rows + t * k, k, t, tokens, N) != PlanError::kOk) bad_token.record(t);
     }
   });
-  TORCH_CHECK(bad_token.get() < 0, "moe_ext: inconsistent routing plan at token ", bad_token.get(), ": ",
-              plan_error_text(static_cast<PlanError>(token_error.load())),
-              " (N = ", N, "); pass a plan made by make_plan");
+  if (const int64_t t = bad_token.get(); t >= 0) {
+    // Re-check the first failing token alone so the message names its own problem.
+    TORCH_CHECK(false, "moe_ext: inconsistent routing plan at token ", t, ": ",
+                plan_error_text(kernels::check_token_rows(rows + t * k, k, t, tokens, N)), " (N = ", N,
+                "); pass a plan made by make_plan");
+  }
   at::parallel_for(0, N, 2048, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const PlanError e = kernels::check_row_token(r, tokens, rows, T, k);
-      if (e != PlanError::kOk) {
-        bad_row.record(r);
-        row_error.store(static_cast<int>(e));
-      }
+      if (kernels::check_row_token(r, tokens, rows, T, k) != PlanError::kOk) bad_row.record(r);
     }
   });
-  TORCH_CHECK(bad_row.get() < 0, "moe_ext: inconsistent routing plan at row ", bad_row.get(), ": ",
-              plan_error_text(static_cast<PlanError>(row_error.load())), " (T = ", T, "); pass a plan made by make_plan");
+  if (const int64_t r = bad_row.get(); r >= 0) {
+    TORCH_CHECK(false, "moe_ext: inconsistent routing plan at row ", r, ": ",
+                plan_error_text(kernels::check_row_token(r, tokens, rows, T, k)), " (T = ", T,
+                "); pass a plan made by make_plan");
+  }
 }
 
 at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& token_of_in, const at::Tensor& row_of_in) {

@@ -118,9 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cpu(const a
       }
       if (static_cast<int64_t>(ranked.size()) > C) {
         // (priority, j, t) is a total order, so the kept set is unique.
-        std::sort(ranked.begin(), ranked.end(), [&](int64_t x, int64_t y) {
-          return kernels::kept_before(mine[x], mine[y], k, prio_ptr);
-        });
+        std::sort(ranked.begin(), ranked.end(),
+                  [&](int64_t x, int64_t y) { return kernels::kept_before(mine[x], mine[y], k, prio_ptr); });
         for (size_t i = static_cast<size_t>(C); i < ranked.size(); ++i) keep[ranked[i]] = 0;
       }
       int64_t row = e * C;

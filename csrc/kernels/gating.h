@@ -35,8 +35,7 @@ constexpr double kNormalizeEps = 1e-20;
 // elementwise sigmoid (disabled -> 0). Writes scores[E]; returns kNonFinite for
 // inputs that have no meaningful answer.
 template <typename in_t, typename acc>
-MOE_INLINE GateStatus token_scores(const in_t* logits, const bool* enabled, const GatingConfig& cfg,
-                                   acc* scores) {
+MOE_INLINE GateStatus token_scores(const in_t* logits, const bool* enabled, const GatingConfig& cfg, acc* scores) {
   const int64_t E = cfg.num_experts;
   if (cfg.score_func == ScoreFunc::kSigmoid) {
     for (int64_t e = 0; e < E; ++e) {
@@ -83,8 +82,8 @@ MOE_INLINE bool outranks(acc value_a, int64_t a, acc value_b, int64_t b) {
 // (score + bias) and is consumed: non-candidates are set to -inf, the chosen
 // are marked -inf as they are taken. `group_buf` [n_group] is scratch.
 template <typename acc>
-MOE_INLINE GateStatus token_select(acc* select, const bool* enabled, const GatingConfig& cfg,
-                                   acc* group_buf, int64_t* indices) {
+MOE_INLINE GateStatus token_select(acc* select, const bool* enabled, const GatingConfig& cfg, acc* group_buf,
+                                   int64_t* indices) {
   const int64_t E = cfg.num_experts;
   const acc ninf = neg_infinity<acc>();
   for (int64_t e = 0; e < E; ++e) {
@@ -137,8 +136,7 @@ MOE_INLINE GateStatus token_select(acc* select, const bool* enabled, const Gatin
 
 // Routing weights of one token from its scores and chosen experts.
 template <typename acc>
-MOE_INLINE void token_weights(const acc* scores, const int64_t* indices, const GatingConfig& cfg,
-                              acc* weights) {
+MOE_INLINE void token_weights(const acc* scores, const int64_t* indices, const GatingConfig& cfg, acc* weights) {
   acc total = 0;
   for (int64_t j = 0; j < cfg.k; ++j) {
     weights[j] = scores[indices[j]];

@@ -31,10 +31,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_meta(const 
                                                                           const std::optional<at::Tensor>& priority) {
   check_make_plan(indices, num_experts, capacity, priority);
   const auto opts = indices.options().dtype(at::kLong);
-  const c10::SymInt rows = capacity.has_value() ? c10::SymInt(num_experts * *capacity)
-                                                : indices.sym_size(0) * indices.sym_size(1);
-  return {at::empty_symint(indices.sym_sizes(), opts), at::empty_symint({rows}, opts),
-          at::empty({num_experts}, opts), at::empty({num_experts + 1}, opts)};
+  const c10::SymInt rows =
+      capacity.has_value() ? c10::SymInt(num_experts * *capacity) : indices.sym_size(0) * indices.sym_size(1);
+  return {at::empty_symint(indices.sym_sizes(), opts), at::empty_symint({rows}, opts), at::empty({num_experts}, opts),
+          at::empty({num_experts + 1}, opts)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice_plan_meta(const at::Tensor& scores,
