@@ -63,19 +63,20 @@ class TinyLM(nn.Module):
 
 
 def swap_in_moe(model: TinyLM, num_experts: int, top_k: int, ffn_width: int, aux_loss_coef: float) -> int:
-    """Replaces every block's dense FFN by an MoE layer; returns how many were swapped."""
-    for block in model.blocks:
-        width = block.norm2.normalized_shape[0]
-        block.ffn = moe_ext.MoE(
-            width,
+    """Replaces every block's dense FFN by an MoE layer, as one would in an existing model."""
+    return moe_ext.replace_modules(
+        model,
+        match=lambda name, module: name.endswith(".ffn"),
+        build=lambda name, module: moe_ext.MoE(
+            module[0].in_features,
             ffn_width,
             num_experts,
             top_k=top_k,
             activation="swiglu",
             aux_loss_coef=aux_loss_coef,
             z_loss_coef=1e-3,
-        )
-    return len(model.blocks)
+        ),
+    )
 
 
 def progress(step: int, total: int, loss: float, started: float) -> None:

@@ -1,6 +1,7 @@
 """moe_ext: Mixture-of-Experts layers for PyTorch, backed by C++/CUDA operators."""
 
 from . import ops
+from .convert import replace_modules, upcycle
 from .layer import MoE, RoutingStats, aux_loss, set_aux_loss_scale
 from .monitor import ExpertUsage, GroupSkew, RoutingTrace, trace_routing
 from .ops import RoutingPlan
@@ -16,6 +17,8 @@ __all__ = [
     "RoutingTrace",
     "aux_loss",
     "ops",
+    "replace_modules",
+    "upcycle",
     "set_aux_loss_scale",
     "trace_routing",
     "__version__",

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from . import ops, routing
 
-__all__ = ["MoE", "RoutingStats", "aux_loss", "set_aux_loss_scale"]
+__all__ = ["MoE", "Routing", "RoutingStats", "aux_loss", "set_aux_loss_scale"]
 
-_GATED = {"swiglu": F.silu, "geglu": F.gelu}
+_GATED = {"swiglu": F.silu, "geglu": F.gelu, "clamped_swiglu": None}  # clamped_swiglu: see _activate
 _PLAIN = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
@@ -39,6 +39,21 @@ class RoutingStats(NamedTuple):
     def as_dict(self) -> dict:
         """Python numbers and lists (this reads the tensors: one host sync)."""
         return {name: (value.tolist() if value.dim() else value.item()) for name, value in self._asdict().items()}
+
+
+class Routing(NamedTuple):
+    """The routing of one forward, returned by ``layer(x, return_routing=True)`` (tensors keep their graph).
+
+    logits   [T, E]: the router logits the routing used (router dtype; with noisy
+             gating in training, the noisy logits).
+    weights  [T, k]: routing weights (float32, float64 for float64 logits);
+             [T, E] for expert-choice routing (0 where an expert did not take the token).
+    indices  [T, k] int64: chosen experts in descending selection order; None for expert choice.
+    """
+
+    logits: Tensor
+    weights: Tensor
+    indices: Tensor | None
 
 
 class _AuxLossInjector(torch.autograd.Function):
@@ -73,7 +88,9 @@ class MoE(nn.Module):
         num_experts: E.
         top_k: k, experts per token.
         activation: "swiglu" | "geglu" (gated: w_in holds [gate | up], 2F wide)
-            | "gelu" | "relu" | "silu".
+            | "gelu" | "relu" | "silu" | "clamped_swiglu" (GPT-OSS, gated:
+            g = min(gate, limit), u = clamp(up, -limit, limit),
+            out = (u + 1) * g * sigmoid(alpha * g); see swiglu_alpha, swiglu_limit).
         capacity_factor: None = dropless (no token ever dropped); otherwise each
             expert takes at most C = max(min_capacity, ceil(capacity_factor * T * k / E))
             assignments and the overflow is dropped per ``drop_policy``.
@@ -123,6 +140,11 @@ class MoE(nn.Module):
             it uses the layer's activation.
         shared_expert_gate: scale the shared expert by sigmoid(x @ w) (Qwen2-MoE).
         expert_bias: per-expert biases ``b_in`` [E, F or 2F] and ``b_out`` [E, H].
+        router_bias: give the router a bias ``router.bias`` [E] (GPT-OSS): the logits
+            are x @ router.weight^T + router.bias, so the bias moves both the
+            selection and the weights (unlike selection_bias). Zero-initialized.
+        swiglu_alpha, swiglu_limit: alpha and limit of activation="clamped_swiglu"
+            (GPT-OSS: 1.702, 7.0); unused by the other activations.
         generator: torch.Generator for jitter, noise, random routing and random
             drops (None = the global RNG, seeded by torch.manual_seed).
         device, dtype: where and in which dtype to create the parameters.
@@ -169,6 +191,9 @@ class MoE(nn.Module):
         shared_expert_size: int = 0,
         shared_expert_gate: bool = False,
         expert_bias: bool = False,
+        router_bias: bool = False,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -247,10 +272,12 @@ class MoE(nn.Module):
         self.bias_update_rate = float(bias_update_rate)
         self.seq_aux_loss_coef = float(seq_aux_loss_coef)
         self.generator = generator
+        self.swiglu_alpha = float(swiglu_alpha)
+        self.swiglu_limit = float(swiglu_limit)
 
         factory = {"device": device, "dtype": dtype}
         in_width = 2 * ffn_hidden_size if activation in _GATED else ffn_hidden_size
-        self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
+        self.router = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
         self.w_in = nn.Parameter(torch.empty(num_experts, hidden_size, in_width, **factory))
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size, **factory))
         self.b_in = nn.Parameter(torch.empty(num_experts, in_width, **factory)) if expert_bias else None
@@ -261,7 +288,9 @@ class MoE(nn.Module):
         else:
             self.selection_bias = None
         self.shared_expert = (
-            _DenseFFN(hidden_size, shared_expert_size, activation, **factory) if shared_expert_size else None
+            _DenseFFN(hidden_size, shared_expert_size, activation, swiglu_alpha, swiglu_limit, **factory)
+            if shared_expert_size
+            else None
         )
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, **factory) if shared_expert_gate else None
         # False = expert disabled: never selected, its tokens go to their next-best experts.
@@ -292,8 +321,12 @@ class MoE(nn.Module):
         return cls(hidden_size, ffn_hidden_size, **kwargs)
 
     def reset_parameters(self) -> None:
-        """nn.Linear's default: uniform in +-1/sqrt(fan_in) for the router and every expert matrix."""
+        """nn.Linear's default: uniform in +-1/sqrt(fan_in) for the router and every expert matrix.
+
+        A router bias (router_bias=True) starts at zero."""
         self.router.reset_parameters()
+        if self.router.bias is not None:
+            nn.init.zeros_(self.router.bias)
         with torch.no_grad():
             in_bound, out_bound = 1.0 / math.sqrt(self.hidden_size), 1.0 / math.sqrt(self.ffn_hidden_size)
             self.w_in.uniform_(-in_bound, in_bound)
@@ -385,6 +418,8 @@ class MoE(nn.Module):
         self.w_out[dst].copy_(self.w_out[src])
         if copy_router:
             self.router.weight[dst].copy_(self.router.weight[src])
+            if self.router.bias is not None:
+                self.router.bias[dst].copy_(self.router.bias[src])
 
     def _routing_mask(self, leading_shape: torch.Size, num_tokens: int) -> Tensor:
         if self._restriction is None:
@@ -427,7 +462,7 @@ class MoE(nn.Module):
                 torch.arange(self.num_experts, device=offsets.device), offsets.diff(), output_size=h.shape[0]
             )
             h = h + self.b_in[expert_of_row]
-        h = _activate(self.activation, h)
+        h = _activate(self.activation, h, self.swiglu_alpha, self.swiglu_limit)
         y = ops.grouped_mm(h, self.w_out, offsets)
         if expert_of_row is not None:
             y = y + self.b_out[expert_of_row]
@@ -436,15 +471,16 @@ class MoE(nn.Module):
     def _router_logits(self, tokens: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(logits used for routing, clean logits, noise std); the last two only with noisy gating."""
         router_input = tokens
-        weight = self.router.weight
+        weight, bias = self.router.weight, self.router.bias
         if self.router_dtype is not None:
             router_input, weight = router_input.to(self.router_dtype), weight.to(self.router_dtype)
+            bias = None if bias is None else bias.to(self.router_dtype)
         if self.training and self.router_jitter > 0:
             noise = torch.empty_like(router_input).uniform_(
                 1.0 - self.router_jitter, 1.0 + self.router_jitter, generator=self.generator
             )
             router_input = router_input * noise
-        logits = F.linear(router_input, weight)
+        logits = F.linear(router_input, weight, bias)
         if self.noise is None:
             return logits, None, None
         noise_std = F.softplus(F.linear(router_input, self.noise.weight.to(weight.dtype)))
@@ -453,10 +489,11 @@ class MoE(nn.Module):
         sample = torch.randn(logits.shape, generator=self.generator, device=logits.device, dtype=logits.dtype)
         return logits + sample * noise_std, logits, noise_std
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
+        """y [..., H]; with ``return_routing=True`` the tuple (y, :class:`Routing`)."""
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE: x must have shape [..., hidden_size = {self.hidden_size}], got {tuple(x.shape)}")
-        if x.dtype != self.w_in.dtype:
+        if x.dtype != self.w_in.dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
                 f"MoE: x is {x.dtype} but the layer's parameters are {self.w_in.dtype}; "
                 f"convert one of them (for example layer.to({x.dtype}))"
@@ -514,6 +551,8 @@ class MoE(nn.Module):
         if self._trace_sink is not None:
             traced = indices if indices is not None else _expert_choice_indices(plan.row_of)
             self._trace_sink.record(self, traced, weights.detach(), plan.row_of, shape[:-1])
+        if return_routing:
+            return y.reshape(shape), Routing(logits, weights, indices)
         return y.reshape(shape)
 
     def _aux_loss(self, logits, scores, indices, weights, clean_logits, noise_std, leading_shape) -> Tensor:
@@ -536,7 +575,13 @@ class MoE(nn.Module):
         return aux
 
 
-def _activate(activation: str, h: Tensor) -> Tensor:
+def _activate(activation: str, h: Tensor, alpha: float = 1.702, limit: float = 7.0) -> Tensor:
+    if activation == "clamped_swiglu":
+        # GPT-OSS: both halves clamped (the gate from above only), sigmoid sharpened by alpha, up offset by 1.
+        gate, up = h.chunk(2, dim=-1)
+        gate = gate.clamp(min=None, max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     if activation in _GATED:
         gate, up = h.chunk(2, dim=-1)
         return _GATED[activation](gate) * up
@@ -546,8 +591,18 @@ def _activate(activation: str, h: Tensor) -> Tensor:
 class _DenseFFN(nn.Module):
     """An always-on dense expert (shared expert): w_in [H, F or 2F], w_out [F, H], same activation."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str, device=None, dtype=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        activation: str,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
+        self.swiglu_alpha, self.swiglu_limit = float(swiglu_alpha), float(swiglu_limit)
         in_width = 2 * ffn_hidden_size if activation in _GATED else ffn_hidden_size
         self.activation = activation
         self.w_in = nn.Linear(hidden_size, in_width, bias=False, device=device, dtype=dtype)
@@ -558,7 +613,7 @@ class _DenseFFN(nn.Module):
         self.w_out.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_out(_activate(self.activation, self.w_in(x)))
+        return self.w_out(_activate(self.activation, self.w_in(x), self.swiglu_alpha, self.swiglu_limit))
 
 
 def _expert_choice_indices(row_of: Tensor) -> Tensor:
