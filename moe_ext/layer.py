@@ -13,7 +13,12 @@ from . import ops, routing
 
 __all__ = ["MoE", "Routing", "RoutingStats", "aux_loss", "set_aux_loss_scale"]
 
-_GATED = {"swiglu": F.silu, "geglu": F.gelu, "clamped_swiglu": None}  # clamped_swiglu: see _activate
+_GATED = {
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+    "geglu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "clamped_swiglu": None,
+}  # clamped_swiglu: see _activate
 _PLAIN = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
@@ -87,7 +92,8 @@ class MoE(nn.Module):
         ffn_hidden_size: F, each expert's inner width.
         num_experts: E.
         top_k: k, experts per token.
-        activation: "swiglu" | "geglu" (gated: w_in holds [gate | up], 2F wide)
+        activation: "swiglu" | "geglu" | "geglu_tanh" (tanh-approximate GELU, as Grok-1)
+            (gated: w_in holds [gate | up], 2F wide)
             | "gelu" | "relu" | "silu" | "clamped_swiglu" (GPT-OSS, gated:
             g = min(gate, limit), u = clamp(up, -limit, limit),
             out = (u + 1) * g * sigmoid(alpha * g); see swiglu_alpha, swiglu_limit).
@@ -451,7 +457,9 @@ class MoE(nn.Module):
         if factor is None:
             return None
         per_token = 1 if self.router_type == "expert_choice" else self.top_k
-        return max(self.min_capacity, math.ceil(factor * num_tokens * per_token / self.num_experts))
+        # The (1 - 1e-12) keeps float rounding from bumping an exact quotient (1.1 * 10 / 11) up by one.
+        wanted = math.ceil(factor * num_tokens * per_token / self.num_experts * (1 - 1e-12))
+        return max(self.min_capacity, wanted)
 
     def _expert_ffn(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
         h = ops.grouped_mm(x_sorted, self.w_in, offsets)
@@ -473,7 +481,9 @@ class MoE(nn.Module):
         router_input = tokens
         weight, bias = self.router.weight, self.router.bias
         if self.router_dtype is not None:
-            router_input, weight = router_input.to(self.router_dtype), weight.to(self.router_dtype)
+            # "at least" router_dtype: an fp32 router upcasts bf16 but never downcasts a float64 layer.
+            dtype = torch.promote_types(self.router_dtype, router_input.dtype)
+            router_input, weight = router_input.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(self.router_dtype)
         if self.training and self.router_jitter > 0:
             noise = torch.empty_like(router_input).uniform_(
@@ -523,7 +533,9 @@ class MoE(nn.Module):
             )
             priority = None
             if capacity is not None:
-                priority = routing.drop_priority(self.drop_policy, weights, self.generator)
+                # Random token selection is a training regularizer: evaluation keeps the position order.
+                policy = "position" if self.drop_policy == "random" and not self.training else self.drop_policy
+                priority = routing.drop_priority(policy, weights, self.generator)
                 if self.random_routing and self.training:
                     if priority is None:
                         priority = torch.zeros_like(weights)
@@ -547,7 +559,11 @@ class MoE(nn.Module):
             aux = aux.detach()
         self.aux_loss = aux
         if self.track_stats:
-            self.last_stats = _routing_stats(plan.counts, capacity, scores.detach())
+            # Rows an expert filled: exact under any drop rule (capacity overflow or -inf priority).
+            kept = None
+            if capacity is not None:
+                kept = (plan.token_of.reshape(self.num_experts, capacity) >= 0).sum(-1)
+            self.last_stats = _routing_stats(plan.counts, kept, scores.detach())
         if self._trace_sink is not None:
             traced = indices if indices is not None else _expert_choice_indices(plan.row_of)
             self._trace_sink.record(self, traced, weights.detach(), plan.row_of, shape[:-1])
@@ -566,7 +582,8 @@ class MoE(nn.Module):
             gates = weights if indices is None else torch.zeros_like(scores).scatter(1, indices, weights)
             aux = aux + self.importance_loss_coef * routing.cv_squared(gates.sum(0))
         if self.load_loss_coef != 0.0 and self.training:
-            load = routing.noisy_topk_load(clean_logits.float(), logits.float(), noise_std.float(), self.top_k)
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            load = routing.noisy_topk_load(clean_logits.to(dtype), logits.to(dtype), noise_std.to(dtype), self.top_k)
             aux = aux + self.load_loss_coef * routing.cv_squared(load)
         if self.seq_aux_loss_coef != 0.0 and indices is not None:
             aux = aux + self.seq_aux_loss_coef * routing.sequence_aux_loss(
@@ -636,8 +653,8 @@ class _Restriction:
 
 
 @torch.no_grad()
-def _routing_stats(counts: Tensor, capacity: int | None, scores: Tensor) -> RoutingStats:
-    kept = counts if capacity is None else counts.clamp(max=capacity)
+def _routing_stats(counts: Tensor, kept: Tensor | None, scores: Tensor) -> RoutingStats:
+    kept = counts if kept is None else kept
     load = counts.to(scores.dtype)
     mean = load.mean()
     safe_mean = mean.clamp(min=torch.finfo(load.dtype).tiny)

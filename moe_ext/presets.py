@@ -88,11 +88,12 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "grok1",
             "xAI grok-1 released model code (model.py Router/MoELayer): 8 experts, softmax over all in float32, "
-            "top-2 probabilities used as weights without renormalizing, GeGLU experts",
+            "top-2 probabilities used as weights without renormalizing, GeGLU experts with jax.nn.gelu's default "
+            "tanh approximation",
             dict(
                 num_experts=8,
                 top_k=2,
-                activation="geglu",
+                activation="geglu_tanh",
                 score_func="softmax",
                 normalize_weights=False,
                 router_dtype=torch.float32,

@@ -98,6 +98,8 @@ def drop_priority(policy: str, weights: Tensor, generator: torch.Generator | Non
     if policy == "probs":
         return w
     if policy == "bpr":
+        # float64 so that choice * span never swallows a one-ulp difference of float32 weights.
+        w = w.double()
         top1 = w.max(dim=-1, keepdim=True).values
         span = top1.abs().max() + 1 if w.numel() else 1
         choice = torch.arange(w.shape[1], device=w.device, dtype=w.dtype)

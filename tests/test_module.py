@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import moe_ext
 
-ACTIVATIONS = ["swiglu", "geglu", "gelu", "relu", "silu"]
+ACTIVATIONS = ["swiglu", "geglu", "geglu_tanh", "gelu", "relu", "silu"]
 
 
 def loop_reference(layer: moe_ext.MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +45,10 @@ def loop_reference(layer: moe_ext.MoE, x: torch.Tensor) -> tuple[torch.Tensor, t
                 continue
             e = int(top_index[t, j])
             h = tokens[t] @ layer.w_in[e]
-            if layer.activation in ("swiglu", "geglu"):
+            if layer.activation in ("swiglu", "geglu", "geglu_tanh"):
                 gate, up = h.chunk(2)
-                h = (F.silu(gate) if layer.activation == "swiglu" else F.gelu(gate)) * up
+                gelu_kind = "tanh" if layer.activation == "geglu_tanh" else "none"
+                h = (F.silu(gate) if layer.activation == "swiglu" else F.gelu(gate, approximate=gelu_kind)) * up
             else:
                 h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[layer.activation](h)
             acc = acc + weights[t, j] * (h @ layer.w_out[e])
