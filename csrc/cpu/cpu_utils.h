@@ -34,7 +34,8 @@ template <typename acc, typename RowValue>
 std::vector<acc> blocked_column_sums(int64_t rows, int64_t width, RowValue row_value) {
   const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
   std::vector<acc> partial(static_cast<size_t>(blocks * width), acc(0));
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / (kReduceBlock * std::max<int64_t>(1, width)));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       acc* out = partial.data() + b * width;
       const int64_t end = std::min(rows, (b + 1) * kReduceBlock);

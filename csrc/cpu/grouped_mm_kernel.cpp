@@ -2,6 +2,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "../checks.h"
@@ -35,8 +37,13 @@ std::vector<Tile> make_tiles(const std::vector<int64_t>& row_begin, const std::v
   return tiles;
 }
 
-void run_tiles(const std::vector<Tile>& tiles, const std::function<void(const Tile&)>& body) {
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t i0, int64_t i1) {
+// Below this many multiply-adds a parallel region costs more than it saves
+// (and BLAS runs such small GEMMs on one thread anyway, so results are unchanged).
+constexpr int64_t kParallelMacs = int64_t(1) << 18;
+
+void run_tiles(const std::vector<Tile>& tiles, int64_t total_macs, const std::function<void(const Tile&)>& body) {
+  const int64_t grain = total_macs < kParallelMacs ? std::max<int64_t>(1, tiles.size()) : 1;
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t i0, int64_t i1) {
     // Worker threads do not inherit the caller's dispatch-key state: the
     // per-tile ATen calls must skip autograd explicitly.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -67,7 +74,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const 
   std::vector<int64_t> begin(bounds.begin(), bounds.end() - 1), count(E);
   for (int64_t e = 0; e < E; ++e) count[e] = bounds[e + 1] - bounds[e];
   at::Tensor y = at::empty({N, out_cols}, x.options());
-  run_tiles(make_tiles(begin, count, out_cols), [&](const Tile& t) {
+  run_tiles(make_tiles(begin, count, out_cols), N * x.size(1) * out_cols, [&](const Tile& t) {
     at::Tensor out = y.narrow(0, t.row0, t.rows).narrow(1, t.col0, t.cols);
     at::mm_out(out, x.narrow(0, t.row0, t.rows), w[t.expert].narrow(1, t.col0, t.cols));
   });
@@ -89,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
 
   // grad_x[rows of e] = grad_y[rows of e] @ w[e]^T
   at::Tensor grad_x = at::empty({N, in_cols}, x.options());
-  run_tiles(make_tiles(begin, count, in_cols), [&](const Tile& t) {
+  run_tiles(make_tiles(begin, count, in_cols), N * in_cols * out_cols, [&](const Tile& t) {
     at::Tensor out = grad_x.narrow(0, t.row0, t.rows).narrow(1, t.col0, t.cols);
     at::mm_out(out, grad.narrow(0, t.row0, t.rows), w[t.expert].narrow(0, t.col0, t.cols).t());
   });
@@ -98,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   // every expert, each reducing over all of that expert's rows.
   at::Tensor grad_w = at::empty({E, in_cols, out_cols}, w.options());
   std::vector<int64_t> zero_begin(E, 0), in_rows(E, in_cols);
-  run_tiles(make_tiles(zero_begin, in_rows, out_cols), [&](const Tile& t) {
+  run_tiles(make_tiles(zero_begin, in_rows, out_cols), N * in_cols * out_cols, [&](const Tile& t) {
     at::Tensor out = grad_w[t.expert].narrow(0, t.row0, t.rows).narrow(1, t.col0, t.cols);
     if (count[t.expert] == 0) {
       out.zero_();

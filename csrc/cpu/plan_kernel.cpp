@@ -100,7 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cpu(const a
     TORCH_CHECK(!at::isnan(prio).any().item<bool>(), "moe_ext: priority must not contain NaN");
   }
   const double* prio_ptr = prio.defined() ? prio.const_data_ptr<double>() : nullptr;
-  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+  // Small plans stay on one thread: a parallel region costs more than the work.
+  at::parallel_for(0, E, A < kPlanChunk ? E : 1, [&](int64_t e0, int64_t e1) {
     std::vector<int64_t> ranked;
     std::vector<char> keep;
     for (int64_t e = e0; e < e1; ++e) {
@@ -155,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice_plan_cp
   const int64_t take = std::min(T, C);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "expert_choice_plan_cpu", [&] {
     const scalar_t* s = scores.const_data_ptr<scalar_t>();
-    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+    at::parallel_for(0, E, T < kPlanChunk ? E : 1, [&](int64_t e0, int64_t e1) {
       std::vector<int64_t> order(static_cast<size_t>(T));
       for (int64_t e = e0; e < e1; ++e) {
         for (int64_t t = 0; t < T; ++t) order[t] = t;
