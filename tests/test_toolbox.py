@@ -225,3 +225,22 @@ def test_training_step_with_compile_and_optimizer():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_upcycled_transformer_encoder_example_matches_dense_in_inference():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        from upcycle_transformer_encoder import upcycle_encoder
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():  # the inference fast path must not bypass the MoE
+        dense = encoder(x)
+        assert upcycle_encoder(encoder, num_experts=4, top_k=2) == 2
+        upcycled = encoder(x)
+    torch.testing.assert_close(upcycled, dense, rtol=1e-5, atol=1e-5)
+    assert all(isinstance(m.ffn, moe_ext.MoE) for m in encoder.layers)
+    assert all(m.ffn.last_stats is not None for m in encoder.layers), "the MoE layers really ran"
