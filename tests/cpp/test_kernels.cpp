@@ -1,14 +1,16 @@
-// GoogleTest of the torch-free routing headers (csrc/kernels/*.h) on raw arrays; links no torch at all.
+// GoogleTest of the torch-free routing headers (csrc/kernels/*.h, csrc/cuda/plan_steps.cuh) on raw arrays; no torch.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <random>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "cuda/plan_steps.cuh"
 #include "kernels/gating.h"
 #include "kernels/permute.h"
 #include "kernels/plan.h"
@@ -499,6 +501,235 @@ TEST(Permute, SlotOfRow) {
   EXPECT_EQ(slot_of_row(rows.data(), 3, 7), 0);
   EXPECT_EQ(slot_of_row(rows.data(), 3, 3), 2);
   EXPECT_EQ(slot_of_row(rows.data(), 3, 4), -1);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// cuda/plan_steps.cuh: the sort-based CUDA make_plan / expert_choice_plan (csrc/cuda/plan_kernel.cu),
+// replayed on CPU with std::stable_sort in place of CUB's stable radix sorts, must give the CPU kernels'
+// plans (csrc/cpu/plan_kernel.cpp, rebuilt here from kernels/plan.h) bit for bit.
+
+struct HostPlan {
+  std::vector<int64_t> row_of, token_of, counts, offsets;
+};
+
+// Positions [0, n) stably sorted by key(i); `descending` reverses the key order, not the tie order.
+template <typename Key>
+std::vector<int32_t> stable_order(const std::vector<int32_t>& items, const std::vector<Key>& keys, bool descending) {
+  std::vector<size_t> pos(items.size());
+  std::iota(pos.begin(), pos.end(), 0);
+  std::stable_sort(pos.begin(), pos.end(),
+                   [&](size_t a, size_t b) { return descending ? keys[a] > keys[b] : keys[a] < keys[b]; });
+  std::vector<int32_t> out(items.size());
+  for (size_t i = 0; i < pos.size(); ++i) out[i] = items[pos[i]];
+  return out;
+}
+
+// The CUDA make_plan's steps, in order (capacity < 0: dropless).
+HostPlan cuda_steps_make_plan(const std::vector<int64_t>& idx, int64_t T, int64_t k, int64_t E, int64_t capacity,
+                              const double* priority) {
+  namespace steps = cuda::steps;
+  const int64_t A = T * k;
+  std::vector<int32_t> keys(A), assignments(A);
+  for (int64_t a = 0; a < A; ++a) {
+    keys[a] = steps::expert_key(idx[a], E);
+    assignments[a] = static_cast<int32_t>(a);
+  }
+  const std::vector<int32_t> sorted = stable_order(assignments, keys, false);
+  std::vector<int32_t> sorted_keys(A);
+  for (int64_t r = 0; r < A; ++r) sorted_keys[r] = keys[sorted[r]];
+  HostPlan plan;
+  std::vector<int64_t> offsets(E + 1, -7);
+  for (int64_t r = 0; r <= A; ++r) steps::write_boundaries(r, sorted_keys.data(), A, E, offsets.data());
+  for (int64_t e = 0; e < E; ++e) plan.counts.push_back(offsets[e + 1] - offsets[e]);
+  plan.row_of.assign(A, -7);
+  if (capacity < 0) {
+    plan.token_of.assign(A, -7);
+    for (int64_t r = 0; r < A; ++r) {
+      plan.row_of[sorted[r]] = r;
+      plan.token_of[r] = sorted[r] / k;
+    }
+    plan.offsets = offsets;
+    return plan;
+  }
+  plan.token_of.assign(E * capacity, -1);
+  for (int64_t e = 0; e <= E; ++e) plan.offsets.push_back(e * capacity);
+  std::vector<int32_t> order(A);
+  for (int64_t i = 0; i < A; ++i) order[i] = static_cast<int32_t>(steps::choice_major_assignment(i, T, k));
+  if (priority != nullptr) {
+    std::vector<double> prio_keys(A);
+    for (int64_t i = 0; i < A; ++i) prio_keys[i] = steps::value_key(priority[order[i]]);
+    order = stable_order(order, prio_keys, true);
+  }
+  std::vector<int32_t> ranked_keys_in(A);
+  for (int64_t i = 0; i < A; ++i) ranked_keys_in[i] = steps::expert_key(idx[order[i]], E);
+  const std::vector<int32_t> ranked = stable_order(order, ranked_keys_in, false);
+  std::vector<int32_t> keep(A);
+  for (int64_t p = 0; p < A; ++p) {
+    const int64_t e = steps::expert_key(idx[ranked[p]], E);
+    keep[ranked[p]] = e < E && steps::capacity_keeps(p - offsets[e], capacity, priority, ranked[p]);
+  }
+  std::vector<int64_t> scan(A);
+  int64_t running = 0;
+  for (int64_t p = 0; p < A; ++p) {
+    scan[p] = running;
+    running += keep[sorted[p]];
+  }
+  for (int64_t p = 0; p < A; ++p) {
+    const int64_t a = sorted[p], e = sorted_keys[p];
+    if (keep[a]) {
+      const int64_t row = steps::capacity_row(e, capacity, scan[p], scan[offsets[e]]);
+      plan.row_of[a] = row;
+      plan.token_of[row] = a / k;
+    } else {
+      plan.row_of[a] = -1;
+    }
+  }
+  return plan;
+}
+
+// The CPU kernel's algorithm: histogram, stable placement, kept_before ranking per expert.
+HostPlan cpu_make_plan(const std::vector<int64_t>& idx, int64_t T, int64_t k, int64_t E, int64_t capacity,
+                       const double* priority) {
+  const int64_t A = T * k;
+  HostPlan plan;
+  plan.counts.assign(E, 0);
+  EXPECT_EQ(count_experts(idx.data(), 0, A, E, plan.counts.data()), -1);
+  std::vector<int64_t> begin(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) begin[e + 1] = begin[e] + plan.counts[e];
+  std::vector<int64_t> cursor(begin.begin(), begin.end() - 1), position(A), sorted(A);
+  place_stable(idx.data(), 0, A, cursor.data(), position.data());
+  for (int64_t a = 0; a < A; ++a) sorted[position[a]] = a;
+  plan.row_of.assign(A, -1);
+  if (capacity < 0) {
+    plan.token_of.resize(A);
+    for (int64_t a = 0; a < A; ++a) {
+      plan.row_of[a] = position[a];
+      plan.token_of[position[a]] = a / k;
+    }
+    plan.offsets = begin;
+    return plan;
+  }
+  plan.token_of.assign(E * capacity, -1);
+  for (int64_t e = 0; e <= E; ++e) plan.offsets.push_back(e * capacity);
+  for (int64_t e = 0; e < E; ++e) {
+    std::vector<int64_t> ranked;
+    for (int64_t i = begin[e]; i < begin[e + 1]; ++i) {
+      if (priority == nullptr || priority[sorted[i]] != -kInf) ranked.push_back(sorted[i]);
+    }
+    std::sort(ranked.begin(), ranked.end(), [&](int64_t x, int64_t y) { return kept_before(x, y, k, priority); });
+    if (static_cast<int64_t>(ranked.size()) > capacity) ranked.resize(capacity);
+    std::sort(ranked.begin(), ranked.end());  // rows in token order
+    for (size_t i = 0; i < ranked.size(); ++i) {
+      plan.row_of[ranked[i]] = e * capacity + static_cast<int64_t>(i);
+      plan.token_of[e * capacity + static_cast<int64_t>(i)] = ranked[i] / k;
+    }
+  }
+  return plan;
+}
+
+void expect_same_plan(const HostPlan& got, const HostPlan& want, const std::string& what) {
+  EXPECT_EQ(got.row_of, want.row_of) << what;
+  EXPECT_EQ(got.token_of, want.token_of) << what;
+  EXPECT_EQ(got.counts, want.counts) << what;
+  EXPECT_EQ(got.offsets, want.offsets) << what;
+}
+
+TEST(CudaPlanSteps, KeysAndBoundaries) {
+  EXPECT_EQ(cuda::steps::expert_key(2, 4), 2);
+  EXPECT_EQ(cuda::steps::expert_key(-1, 4), 4);  // invalid indices sort last
+  EXPECT_EQ(cuda::steps::expert_key(9, 4), 4);
+  EXPECT_EQ(cuda::steps::key_bits(1), 1);
+  EXPECT_EQ(cuda::steps::key_bits(4), 3);  // keys 0..4 (4 = invalid)
+  EXPECT_EQ(cuda::steps::key_bits(7), 3);
+  EXPECT_EQ(cuda::steps::key_bits(8), 4);
+  // Sorted keys 1 1 3 with E = 5: experts 0, 2 and 4 are empty.
+  const std::vector<int32_t> keys = {1, 1, 3};
+  std::vector<int64_t> offsets(6, -7);
+  for (int64_t r = 0; r <= 3; ++r) cuda::steps::write_boundaries(r, keys.data(), 3, 5, offsets.data());
+  EXPECT_EQ(offsets, (std::vector<int64_t>{0, 0, 2, 2, 3, 3}));
+  std::vector<int64_t> empty_offsets(3, -7);
+  cuda::steps::write_boundaries(0, nullptr, 0, 2, empty_offsets.data());
+  EXPECT_EQ(empty_offsets, (std::vector<int64_t>{0, 0, 0}));
+  EXPECT_EQ(std::signbit(cuda::steps::value_key(-0.0)), false);
+  EXPECT_EQ(cuda::steps::value_key(-kInf), -kInf);
+}
+
+TEST(CudaPlanSteps, ChoiceMajorOrderIsKeptBeforeWithoutPriority) {
+  for (int64_t T : {1, 2, 5}) {
+    for (int64_t k : {1, 2, 3}) {
+      std::vector<int64_t> expected(T * k);
+      std::iota(expected.begin(), expected.end(), 0);
+      std::sort(expected.begin(), expected.end(),
+                [&](int64_t a, int64_t b) { return kept_before<double>(a, b, k, nullptr); });
+      for (int64_t i = 0; i < T * k; ++i) {
+        EXPECT_EQ(cuda::steps::choice_major_assignment(i, T, k), expected[i]) << "T=" << T << " k=" << k;
+      }
+    }
+  }
+}
+
+TEST(CudaPlanSteps, SortBasedMakePlanMatchesTheCpuAlgorithm) {
+  std::mt19937_64 rng(1234);
+  // Priorities from few levels (ties), with -inf (never kept) and both signs of zero.
+  const std::vector<double> levels = {-kInf, -0.0, 0.0, 0.25, 0.25, 0.5, 1.0, kInf};
+  int cases = 0;
+  for (int64_t T : {0, 1, 2, 7, 40}) {
+    for (int64_t E : {1, 2, 3, 8}) {
+      for (int64_t k : {1, 2, 3}) {
+        for (int trial = 0; trial < 3; ++trial) {
+          std::vector<int64_t> idx(T * k);
+          // Skewed toward low experts so capacity overflows; repeated experts within a token allowed.
+          for (auto& e : idx) e = std::min<int64_t>(E - 1, static_cast<int64_t>(rng() % (E + 2)) / 2);
+          std::vector<double> priority(T * k);
+          for (auto& p : priority) p = levels[rng() % levels.size()];
+          const std::string what = "T=" + std::to_string(T) + " E=" + std::to_string(E) + " k=" + std::to_string(k);
+          expect_same_plan(cuda_steps_make_plan(idx, T, k, E, -1, nullptr), cpu_make_plan(idx, T, k, E, -1, nullptr),
+                           what + " dropless");
+          for (int64_t C : {int64_t{0}, int64_t{1}, (T * k + E - 1) / E, T * k}) {
+            expect_same_plan(cuda_steps_make_plan(idx, T, k, E, C, nullptr), cpu_make_plan(idx, T, k, E, C, nullptr),
+                             what + " C=" + std::to_string(C));
+            expect_same_plan(cuda_steps_make_plan(idx, T, k, E, C, priority.data()),
+                             cpu_make_plan(idx, T, k, E, C, priority.data()),
+                             what + " priority C=" + std::to_string(C));
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(cases, 100);
+}
+
+TEST(CudaPlanSteps, ExpertChoiceBySortMatchesTheCpuAlgorithm) {
+  std::mt19937_64 rng(99);
+  const std::vector<double> levels = {-kInf, -1.0, -0.0, 0.0, 0.5, 0.5, 2.0, kInf};
+  for (int64_t T : {1, 3, 9}) {
+    for (int64_t E : {1, 4}) {
+      for (int64_t C : {0, 1, 2, 5, 12}) {
+        std::vector<double> scores(T * E);
+        for (auto& s : scores) s = levels[rng() % levels.size()];
+        const int64_t take = std::min(T, C);
+        for (int64_t e = 0; e < E; ++e) {
+          // CUDA: stable descending sort of the expert's tokens by value_key, first `take`, token order.
+          std::vector<int32_t> tokens(T);
+          std::iota(tokens.begin(), tokens.end(), 0);
+          std::vector<double> keys(T);
+          for (int64_t t = 0; t < T; ++t) keys[t] = cuda::steps::value_key(scores[t * E + e]);
+          std::vector<int32_t> got = stable_order(tokens, keys, true);
+          got.resize(take);
+          std::sort(got.begin(), got.end());
+          // CPU: nth_element with outranks, then token order.
+          std::vector<int32_t> want(T);
+          std::iota(want.begin(), want.end(), 0);
+          std::nth_element(want.begin(), want.begin() + take, want.end(),
+                           [&](int64_t a, int64_t b) { return outranks(scores[a * E + e], a, scores[b * E + e], b); });
+          want.resize(take);
+          std::sort(want.begin(), want.end());
+          EXPECT_EQ(got, want) << "T=" << T << " E=" << E << " C=" << C << " expert " << e;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace
