@@ -62,8 +62,10 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["no stats"])
     rows = []
-    print(f"MoE forward, T={args.tokens} H={args.hidden} F={args.ffn} E={args.experts} k={args.top_k}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"MoE forward, T={args.tokens} H={args.hidden} F={args.ffn} E={args.experts} k={args.top_k}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print(f"{'variant':<18} {'ms':>9} {'overhead':>9}")
     for name, samples in times.items():
         median = statistics.median(samples)
@@ -72,8 +74,17 @@ def main() -> None:
         print(f"{name:<18} {1e3 * median:>9.2f} {overhead:>8.2f}%")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"config": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                   "threads": torch.get_num_threads(), "results": rows}, f, indent=2)
+        json.dump(
+            {
+                "config": vars(args),
+                "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "results": rows,
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")
 
 
