@@ -67,7 +67,7 @@ def time_interleaved(
     return out
 
 
-def peak_tensor_bytes(fn: Callable[[], object]) -> int:
+def peak_tensor_bytes(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> int:
     """Peak bytes of live tensors allocated while ``fn`` runs, above what was live when it started.
 
     Read from torch.profiler's memory events (profile_memory=True): every allocation and free
@@ -75,7 +75,13 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> int:
     temporaries, saved activations, gradients), not the Python heap, not malloc made outside
     the allocator (std::vector scratch in C++ kernels) and not allocator/OS slack, so it is
     deterministic and comparable between implementations, unlike a process's RSS.
+
+    ``setup`` runs first, outside the profile: it must drop what ``fn`` would otherwise free
+    at its start (old .grad tensors), because the profiler records the free of a block it saw
+    allocated in an earlier profile, and that free would hide part of the peak.
     """
+    if setup is not None:
+        setup()
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

@@ -166,12 +166,16 @@ def step_fns(module: nn.Module, x: Tensor, grad: Tensor) -> tuple:
         with torch.no_grad():
             module(x)
 
-    def forward_backward() -> None:
+    def reset_grads() -> None:
         for p in params:
             p.grad = None
         xg.grad = None
+
+    def forward_backward() -> None:
+        reset_grads()
         module(xg).backward(grad)
 
+    forward_backward.reset_grads = reset_grads  # for peak_tensor_bytes' setup
     return forward, forward_backward
 
 
@@ -247,7 +251,7 @@ def bench_one(name: str, config: Config, dtype: torch.dtype, args) -> dict:
         timed.update({n: f[which] for n, f in fns.items()})
         times = _common.time_interleaved(timed, repeats=args.repeats, warmup=args.warmup)
         for n, t in times.items():
-            peak = None if n in FLOORS else _common.peak_tensor_bytes(timed[n])
+            peak = None if n in FLOORS else _common.peak_tensor_bytes(timed[n], getattr(timed[n], "reset_grads", None))
             results[n][mode] = {**t, "peak_bytes": peak}
         # the floor is the faster of the two ways to run the same GEMMs
         floor_t = min(times[n]["median_s"] for n in FLOORS)

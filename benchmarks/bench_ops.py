@@ -7,9 +7,10 @@ Backward passes are timed as the registered backward ops called directly
 (torch.ops.moe_ext.<op>_backward), so no autograd bookkeeping is included; the PyTorch
 baselines' backward is torch.autograd.grad on a retained graph. dispatch and combine are
 reported in GB/s (bytes of rows read + written, indices not counted) next to
-torch.index_select / index_add_ / gather-sum and a plain ``out.copy_(src)`` moving the same
-number of bytes; grouped_mm in GFLOP/s next to torch._grouped_mm and one torch.mm per
-expert. Writes benchmarks/results/bench_ops.json.
+torch.index_select / index_add_ / gather-sum, a plain ``out.copy_(src)`` moving the same
+number of bytes into a preallocated output, and ``src.clone()`` doing it into a fresh one
+(first-touch page faults included, as for any op returning a new tensor); grouped_mm in
+GFLOP/s next to torch._grouped_mm and one torch.mm per expert. Writes benchmarks/results/bench_ops.json.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def copy_of(nbytes: int, dtype: torch.dtype) -> Callable[[], object]:
     elems = max(1, nbytes // (2 * torch.empty((), dtype=dtype).element_size()))
     src, out = torch.randn(elems).to(dtype), torch.empty(elems, dtype=dtype)
     return lambda: out.copy_(src)
+
+
+def clone_of(nbytes: int, dtype: torch.dtype) -> Callable[[], object]:
+    """src.clone(): the same copy into a freshly allocated output, as every op returning a new tensor
+    pays (first-touch page faults when the allocator hands the block back to the OS on free)."""
+    elems = max(1, nbytes // (2 * torch.empty((), dtype=dtype).element_size()))
+    src = torch.randn(elems).to(dtype)
+    return lambda: src.clone()
 
 
 def grad_fn(outputs, inputs, grads) -> Callable[[], object]:
@@ -123,6 +132,7 @@ def cases(args, dtype: torch.dtype) -> list[dict]:
                 "moe_ext": lambda: ops.dispatch(x, plan),
                 "torch index_select": lambda: x.index_select(0, plan.token_of),
                 "copy_ same bytes": copy_of(nbytes, dtype),
+                "clone same bytes": clone_of(nbytes, dtype),
             },
         )
     )
@@ -139,6 +149,7 @@ def cases(args, dtype: torch.dtype) -> list[dict]:
                 "torch index_add_": lambda: torch.zeros(T, H, dtype=dtype).index_add_(0, plan.token_of, gd),
                 "torch gather+sum": lambda: gd[row_of].sum(1),
                 "copy_ same bytes": copy_of(nbytes, dtype),
+                "clone same bytes": clone_of(nbytes, dtype),
             },
         )
     )
@@ -192,6 +203,7 @@ def cases(args, dtype: torch.dtype) -> list[dict]:
                     0, plan.token_of, y_sorted * w_sorted.unsqueeze(-1).to(dtype)
                 ),
                 "copy_ same bytes": copy_of(nbytes, dtype),
+                "clone same bytes": clone_of(nbytes, dtype),
             },
         )
     )
@@ -210,6 +222,7 @@ def cases(args, dtype: torch.dtype) -> list[dict]:
                 "moe_ext": lambda: torch.ops.moe_ext.combine_backward(gc_, y_sorted, weights, row_of, plan.token_of),
                 "torch gather+sum autograd": grad_fn([yc], [ys, wt], [gc_]),
                 "copy_ same bytes": copy_of(nbytes, dtype),
+                "clone same bytes": clone_of(nbytes, dtype),
             },
         )
     )
