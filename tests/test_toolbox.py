@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 import io
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from multiprocess import run_workers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -161,41 +161,21 @@ def test_python_m_moe_ext():
     assert "CUDA kernels compiled in: no" in out.stdout or "CUDA kernels compiled in: yes" in out.stdout
 
 
-DDP_SCRIPT = r"""
-import os, sys, torch, torch.distributed as dist
+DDP_BODY = """
 from torch.nn.parallel import DistributedDataParallel as DDP
-sys.path.insert(0, os.environ["ROOT"])
 import moe_ext
-rank, world = int(sys.argv[1]), int(sys.argv[2])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[3]}", rank=rank, world_size=world,
-                        timeout=__import__("datetime").timedelta(seconds=60))
 torch.manual_seed(0)
 layer = moe_ext.MoE(16, 24, 4, top_k=2, aux_loss_coef=0.01)
 model = DDP(torch.nn.Sequential(torch.nn.Linear(8, 16), layer))
 x = torch.randn(world, 10, 8, generator=torch.Generator().manual_seed(1))[rank]
 model(x).square().mean().backward()
 grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-torch.save(grads, os.path.join(os.environ["OUT"], f"grad{rank}.pt"))
-dist.destroy_process_group()
+torch.save(grads, out / f"grad{rank}.pt")
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_data_parallel_gloo_two_processes(tmp_path):
-    port = str(free_port())
-    env = dict(os.environ, ROOT=ROOT, OUT=str(tmp_path), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(rank), "2", port], env=env, stderr=subprocess.PIPE)
-        for rank in range(2)
-    ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err.decode()[-2000:]
+    run_workers(DDP_BODY, 2, tmp_path)
     g0, g1 = torch.load(tmp_path / "grad0.pt"), torch.load(tmp_path / "grad1.pt")
     torch.testing.assert_close(g0, g1, rtol=0, atol=0)  # DDP all-reduced: identical on both ranks
 
