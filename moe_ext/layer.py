@@ -6,6 +6,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -153,11 +154,21 @@ class MoE(nn.Module):
             (GPT-OSS: 1.702, 7.0); unused by the other activations.
         generator: torch.Generator for jitter, noise, random routing and random
             drops (None = the global RNG, seeded by torch.manual_seed).
+        expert_parallel_group: a torch.distributed process group of W ranks over
+            which the experts are sharded (expert parallelism): each rank holds
+            experts [r * E / W, (r + 1) * E / W), routes its own tokens and
+            exchanges rows with the owners by all_to_all (see
+            :mod:`moe_ext.distributed`). E must be divisible by W; the ranks'
+            settings are compared at construction (a collective). None = every
+            expert on this process.
         device, dtype: where and in which dtype to create the parameters.
 
     Parameters: ``router.weight`` [E, H] (as ``nn.Linear(H, E)``), ``w_in``
     [E, H, F or 2F] and ``w_out`` [E, F, H], initialized like ``nn.Linear``
-    (uniform in +-1/sqrt(fan_in)).
+    (uniform in +-1/sqrt(fan_in)). Expert-parallel layers hold their
+    ``num_local_experts`` = E / W experts in ``w_in``/``w_out``; on CPU they hold
+    exactly the experts [r * E / W, (r + 1) * E / W) that the single-process layer
+    would get from the same seed.
 
     After each forward: ``layer.aux_loss`` (the weighted aux loss, a 0-d tensor)
     and ``layer.last_stats`` (a :class:`RoutingStats`).
@@ -201,6 +212,7 @@ class MoE(nn.Module):
         swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0,
         generator: torch.Generator | None = None,
+        expert_parallel_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -282,12 +294,14 @@ class MoE(nn.Module):
         self.swiglu_limit = float(swiglu_limit)
 
         factory = {"device": device, "dtype": dtype}
+        self._init_expert_parallel(expert_parallel_group, expert_bias, torch.empty((), **factory).dtype)
+        local = self.num_local_experts
         in_width = 2 * ffn_hidden_size if activation in _GATED else ffn_hidden_size
         self.router = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
-        self.w_in = nn.Parameter(torch.empty(num_experts, hidden_size, in_width, **factory))
-        self.w_out = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size, **factory))
-        self.b_in = nn.Parameter(torch.empty(num_experts, in_width, **factory)) if expert_bias else None
-        self.b_out = nn.Parameter(torch.empty(num_experts, hidden_size, **factory)) if expert_bias else None
+        self.w_in = nn.Parameter(torch.empty(local, hidden_size, in_width, **factory))
+        self.w_out = nn.Parameter(torch.empty(local, ffn_hidden_size, hidden_size, **factory))
+        self.b_in = nn.Parameter(torch.empty(local, in_width, **factory)) if expert_bias else None
+        self.b_out = nn.Parameter(torch.empty(local, hidden_size, **factory)) if expert_bias else None
         self.noise = nn.Linear(hidden_size, num_experts, bias=False, **factory) if noisy_gating else None
         if selection_bias:
             self.register_buffer("selection_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
@@ -335,16 +349,74 @@ class MoE(nn.Module):
             nn.init.zeros_(self.router.bias)
         with torch.no_grad():
             in_bound, out_bound = 1.0 / math.sqrt(self.hidden_size), 1.0 / math.sqrt(self.ffn_hidden_size)
-            self.w_in.uniform_(-in_bound, in_bound)
-            self.w_out.uniform_(-out_bound, out_bound)
+            self._uniform_experts(self.w_in, in_bound)
+            self._uniform_experts(self.w_out, out_bound)
             if self.b_in is not None:
-                self.b_in.uniform_(-in_bound, in_bound)
-                self.b_out.uniform_(-out_bound, out_bound)
+                self._uniform_experts(self.b_in, in_bound)
+                self._uniform_experts(self.b_out, out_bound)
             if self.noise is not None:
                 self.noise.weight.zero_()  # start noise-free: softplus(0) = ln 2 std, learned from there
         for module in (self.shared_expert, self.shared_expert_gate):
             if module is not None:
                 module.reset_parameters()
+
+    def _uniform_experts(self, param: Tensor, bound: float) -> None:
+        """U(-bound, bound) init; an expert-parallel layer draws every expert's block in turn and keeps its
+        own, so it consumes the RNG stream as the single-process layer does and holds the same experts."""
+        if self.expert_parallel_group is None:
+            param.uniform_(-bound, bound)
+            return
+        for expert in range(self.num_experts):
+            block = torch.empty_like(param[0]).uniform_(-bound, bound)
+            if 0 <= expert - self.expert_offset < self.num_local_experts:
+                param[expert - self.expert_offset].copy_(block)
+
+    # ----- expert parallelism -----------------------------------------------------------------------
+
+    def _init_expert_parallel(self, group, expert_bias: bool, dtype: torch.dtype) -> None:
+        self.expert_parallel_group = group
+        self.expert_parallel_size, self.expert_parallel_rank = 1, 0
+        self.num_local_experts, self.expert_offset = self.num_experts, 0
+        if group is None:
+            return
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("MoE: expert_parallel_group needs an initialized torch.distributed (init_process_group)")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if rank < 0:
+            raise ValueError("MoE: this process is not a member of expert_parallel_group")
+        if self.num_experts % world:
+            raise ValueError(
+                f"MoE: num_experts = {self.num_experts} must be divisible by the expert_parallel_group size {world}"
+            )
+        from .distributed import check_same_config
+
+        check_same_config(
+            group,
+            {
+                "hidden_size": self.hidden_size,
+                "ffn_hidden_size": self.ffn_hidden_size,
+                "num_experts": self.num_experts,
+                "top_k": self.top_k,
+                "activation": self.activation,
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+                "min_capacity": self.min_capacity,
+                "router": self.router_type,
+                "expert_bias": bool(expert_bias),
+                "dtype": str(dtype),
+            },
+        )
+        self.expert_parallel_size, self.expert_parallel_rank = world, rank
+        self.num_local_experts = self.num_experts // world
+        self.expert_offset = rank * self.num_local_experts
+        self.register_load_state_dict_pre_hook(_load_expert_shard)
+
+    def _run_experts(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
+        if self.expert_parallel_group is None:
+            return self._expert_ffn(x_sorted, offsets)
+        from .distributed import run_experts
+
+        return run_experts(self, x_sorted, offsets)
 
     # ----- expert control ---------------------------------------------------------------------------
 
@@ -418,10 +490,21 @@ class MoE(nn.Module):
 
         With ``copy_router=True`` the router row is copied too, so ``dst`` scores
         exactly like ``src``: disable ``src`` and its tokens move to the replica.
+        Expert-parallel layers: a collective (every rank of the group calls it);
+        the rank holding ``src`` sends its weights to the one holding ``dst``.
         """
         src, dst = self._expert_ids([src, dst], "clone_expert")
-        self.w_in[dst].copy_(self.w_in[src])
-        self.w_out[dst].copy_(self.w_out[src])
+        names = [name for name in ("w_in", "w_out", "b_in", "b_out") if getattr(self, name) is not None]
+        for name in names:
+            param = getattr(self, name)
+            if self.expert_parallel_group is None:
+                param[dst].copy_(param[src])
+                continue
+            owner, local = divmod(src, self.num_local_experts)
+            block = param[local].clone() if owner == self.expert_parallel_rank else torch.empty_like(param[0])
+            dist.broadcast(block, dist.get_global_rank(self.expert_parallel_group, owner), self.expert_parallel_group)
+            if 0 <= dst - self.expert_offset < self.num_local_experts:
+                param[dst - self.expert_offset].copy_(block)
         if copy_router:
             self.router.weight[dst].copy_(self.router.weight[src])
             if self.router.bias is not None:
@@ -441,9 +524,13 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         capacity = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
+        parallel = ""
+        if self.expert_parallel_group is not None:
+            last = self.expert_offset + self.num_local_experts - 1
+            parallel = f", expert_parallel={self.expert_parallel_size} (local experts {self.expert_offset}..{last})"
         return (
             f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "
-            f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation}, {capacity}"
+            f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation}, {capacity}{parallel}"
         )
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -467,7 +554,7 @@ class MoE(nn.Module):
         if self.b_in is not None:
             # [N] expert of every row, from the plan's offsets (no host sync: output_size is N).
             expert_of_row = torch.repeat_interleave(
-                torch.arange(self.num_experts, device=offsets.device), offsets.diff(), output_size=h.shape[0]
+                torch.arange(offsets.shape[0] - 1, device=offsets.device), offsets.diff(), output_size=h.shape[0]
             )
             h = h + self.b_in[expert_of_row]
         h = _activate(self.activation, h, self.swiglu_alpha, self.swiglu_limit)
@@ -543,8 +630,13 @@ class MoE(nn.Module):
                     priority = priority.masked_fill(drop, float("-inf"))
             plan = ops.make_plan(indices, self.num_experts, capacity, priority)
             if self.bias_update_rate and self.training:
-                routing.balance_bias_update(self.selection_bias, plan.counts, self.bias_update_rate)
-        y_sorted = self._expert_ffn(ops.dispatch(tokens, plan), plan.offsets)
+                counts = plan.counts
+                if self.expert_parallel_group is not None:
+                    # The bias is replicated: update it from the loads of the whole group, the same on every rank.
+                    counts = counts.clone()
+                    dist.all_reduce(counts, group=self.expert_parallel_group)
+                routing.balance_bias_update(self.selection_bias, counts, self.bias_update_rate)
+        y_sorted = self._run_experts(ops.dispatch(tokens, plan), plan.offsets)
         y = ops.combine(y_sorted, weights, plan)
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)
@@ -631,6 +723,24 @@ class _DenseFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_out(_activate(self.activation, self.w_in(x), self.swiglu_alpha, self.swiglu_limit))
+
+
+def _load_expert_shard(module: MoE, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """load_state_dict pre-hook of expert-parallel layers: a full checkpoint (all E experts, as saved by a
+    single-process layer or moe_ext.distributed.full_state_dict) loads as this rank's share of it."""
+    for name in ("w_in", "w_out", "b_in", "b_out"):
+        key = prefix + name
+        if getattr(module, name) is None or key not in state_dict:
+            continue
+        held = state_dict[key].shape[0] if state_dict[key].dim() else -1
+        if held == module.num_experts:
+            state_dict[key] = state_dict[key][module.expert_offset : module.expert_offset + module.num_local_experts]
+        elif held != module.num_local_experts:
+            errors.append(
+                f"{key} holds {held} experts; this expert-parallel layer (num_experts = {module.num_experts} over "
+                f"{module.expert_parallel_size} ranks) loads all {module.num_experts} (a full state dict, see "
+                f"moe_ext.distributed.full_state_dict) or its own {module.num_local_experts}"
+            )
 
 
 def _expert_choice_indices(row_of: Tensor) -> Tensor:
