@@ -45,6 +45,7 @@ from . import ops
 
 __all__ = [
     "average_expert_gradients",
+    "clip_grad_norm_",
     "dense_parameters",
     "exclude_experts_from_ddp",
     "expert_parameter_names",
@@ -151,18 +152,52 @@ def exclude_experts_from_ddp(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def average_expert_gradients(model: nn.Module) -> None:
-    """Divides every expert-parallel layer's expert gradients by its group size.
+def average_expert_gradients(model: nn.Module, replica_group=None) -> None:
+    """Makes the expert gradients the gradient of the mean loss over all data-parallel ranks, as DDP's are.
 
-    After a backward, an expert's gradient is the sum over ranks of their losses' gradients,
-    whereas DDP leaves the dense gradients at the mean over ranks; call this between
-    ``backward()`` and ``optimizer.step()`` so that both are the gradient of the mean loss.
+    After a backward, an expert's gradient is the sum over its expert-parallel group of the ranks'
+    losses' gradients; this divides it by the group size. With ``replica_group`` (the ranks holding
+    the same experts when the world is larger than one expert-parallel group: for example expert
+    parallelism within a node, data parallelism across nodes) the gradients are first summed over
+    it, then divided by both sizes. Call between ``backward()`` and ``optimizer.step()``.
     """
+    replicas = 1 if replica_group is None else dist.get_world_size(replica_group)
     for _, layer in _expert_parallel_layers(model):
         for attr in EXPERT_PARAMETERS:
             param = getattr(layer, attr)
-            if param is not None and param.grad is not None:
-                param.grad.div_(layer.expert_parallel_size)
+            if param is None or param.grad is None:
+                continue
+            if replica_group is not None:
+                dist.all_reduce(param.grad, group=replica_group)
+            param.grad.div_(layer.expert_parallel_size * replicas)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the whole expert-parallel model: the total 2-norm counts the
+    dense gradients once (they are the same on every rank after DDP) and every rank's expert shards.
+
+    A collective over the expert-parallel group (all layers must share one). Returns the total norm, the
+    same on every rank, and scales every gradient by the same factor on every rank.
+    """
+    layers = [layer for _, layer in _expert_parallel_layers(model)]
+    dense = [p.grad for p in dense_parameters(model) if p.grad is not None]
+    experts = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    device = (dense + experts)[0].device if dense + experts else torch.device("cpu")
+
+    def sum_of_squares(grads: list[Tensor]) -> Tensor:
+        return sum((g.detach().float().square().sum() for g in grads), torch.zeros((), device=device))
+
+    dense_sq, expert_sq = sum_of_squares(dense), sum_of_squares(experts)
+    if layers:
+        if len({id(layer.expert_parallel_group) for layer in layers}) > 1:
+            raise ValueError("moe_ext.distributed.clip_grad_norm_: the expert-parallel layers use different groups")
+        dist.all_reduce(expert_sq, group=layers[0].expert_parallel_group)
+    total = (dense_sq + expert_sq).sqrt()
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grad in dense + experts:
+        grad.mul_(factor.to(grad.dtype))
+    return total
 
 
 @torch.no_grad()

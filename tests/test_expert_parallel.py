@@ -114,36 +114,48 @@ DDP_TRAINING_BODY = (
     + """
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+ep_size = int(os.environ["EP_SIZE"])
+rate = 0.01 if ep_size == world else 0.0  # the bias follows one expert-parallel group's loads
+
 def make_model(group=None):
     torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(6, H), build(dict(top_k=2, bias_update_rate=0.01,
+    return torch.nn.Sequential(torch.nn.Linear(6, H), build(dict(top_k=2, bias_update_rate=rate,
                                selection_bias=True, shared_expert_size=8), False, group), torch.nn.Linear(H, 3))
 
 def batch(step, r):
     g = torch.Generator().manual_seed(1000 * step + r)
     return torch.randn(10, 6, generator=g), torch.randn(10, 3, generator=g)
 
-model = make_model(dist.new_group(list(range(world))))
+if ep_size == world:
+    ep_group, replica_group = dist.group.WORLD, None  # the same group as DDP's all-reduces
+else:  # expert parallelism within blocks of ep_size ranks, data parallelism across the blocks
+    blocks = [dist.new_group(list(range(b, b + ep_size))) for b in range(0, world, ep_size)]
+    replicas = [dist.new_group(list(range(i, world, ep_size))) for i in range(ep_size)]
+    ep_group, replica_group = blocks[rank // ep_size], replicas[rank % ep_size]
+model = make_model(ep_group)
 excluded = moe_dist.exclude_experts_from_ddp(model)
 assert excluded == ["1.w_in", "1.w_out"], excluded
 ddp = DDP(model)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
+norms = []
 for step in range(4):
     x, t = batch(step, rank)
     opt.zero_grad()
     torch.nn.functional.mse_loss(ddp(x), t).backward()
-    moe_dist.average_expert_gradients(model)
+    moe_dist.average_expert_gradients(model, replica_group)
+    norms.append(float(moe_dist.clip_grad_norm_(model, 0.05)))
     opt.step()
 state = moe_dist.full_state_dict(model)
 if rank == 0:
     torch.save(state, out / "ep_state.pt")
+(out / f"norms{rank}.json").write_text(json.dumps(norms))
 """
 )
 
 
-def test_ddp_dense_and_expert_parallel_training_matches_single_process(tmp_path):
-    world = 2
-    run_workers(DDP_TRAINING_BODY, world, tmp_path)
+@pytest.mark.parametrize(("world", "ep_size"), [(2, 2), (4, 2)], ids=["ep2", "ep2xdp2"])
+def test_ddp_dense_and_expert_parallel_training_matches_single_process(tmp_path, world, ep_size):
+    run_workers(DDP_TRAINING_BODY, world, tmp_path, env={"EP_SIZE": str(ep_size)})
     trained = torch.load(tmp_path / "ep_state.pt")
 
     # The same steps on one process: the mean of the ranks' losses (each with its own aux loss).
@@ -158,6 +170,7 @@ def test_ddp_dense_and_expert_parallel_training_matches_single_process(tmp_path)
     moe_ext.set_aux_loss_scale(model, 1.0 / world)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     layer = model[1]
+    norms = []
     for step in range(4):
         opt.zero_grad()
         counts = torch.zeros(8, dtype=torch.int64)
@@ -166,14 +179,19 @@ def test_ddp_dense_and_expert_parallel_training_matches_single_process(tmp_path)
             x, t = torch.randn(10, 6, generator=g), torch.randn(10, 3, generator=g)
             (torch.nn.functional.mse_loss(model(x), t) / world).backward()
             counts += layer.last_stats.tokens_per_expert
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)))
         opt.step()
-        # the expert-parallel layers update their shared bias from the whole group's loads
-        moe_ext.routing.balance_bias_update(layer.selection_bias, counts, 0.01)
+        if ep_size == world:  # the expert-parallel layers update their shared bias from the whole group's loads
+            moe_ext.routing.balance_bias_update(layer.selection_bias, counts, 0.01)
     expected = model.state_dict()
     assert trained.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(trained[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert layer.selection_bias.abs().sum() > 0  # the bias did move
+    assert (layer.selection_bias.abs().sum() > 0) == (ep_size == world)  # the bias did move
+    for rank in range(world):  # the same clipping norm on every rank, as on one process (and it did clip)
+        ep_norms = json.loads((tmp_path / f"norms{rank}.json").read_text())
+        torch.testing.assert_close(torch.tensor(ep_norms), torch.tensor(norms), rtol=1e-5, atol=1e-6)
+    assert min(norms) > 0.05
 
 
 CHECKPOINT_BODY = (
@@ -290,3 +308,35 @@ def test_single_process_errors_and_helpers():
     assert moe_dist.expert_parameters(group_free) == []  # no expert-parallel layer: everything is dense
     assert len(moe_dist.dense_parameters(group_free)) == len(list(group_free.parameters()))
     assert moe_dist.full_state_dict(group_free).keys() == group_free.state_dict().keys()
+
+
+def test_example_trains_under_torchrun_and_its_checkpoint_loads_on_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from multiprocess import ROOT, free_port
+
+    ckpt, summary = tmp_path / "ckpt.pt", tmp_path / "summary.jsonl"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        os.path.join(ROOT, "examples", "train_expert_parallel.py"),
+        "--steps", "6", "--batch", "2", "--context", "32", "--width", "32", "--save", str(ckpt), "--json", str(summary),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "world size 2 (gloo), 8 experts -> 4 per rank" in done.stdout
+    result = json.loads(summary.read_text())
+    assert result["world_size"] == 2 and result["tokens_per_step"] == 2 * 2 * 32 and result["median_step_s"] > 0
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from train_tiny_lm import TinyLM
+
+    model = TinyLM(32, 2, heads=4, context=32)
+    moe_ext.replace_modules(
+        model, lambda name, m: name.endswith(".ffn"), lambda name, m: moe_ext.MoE(32, 64, 8, top_k=2, z_loss_coef=1e-3)
+    )
+    model.load_state_dict(torch.load(ckpt))  # strict: every key, every expert
+    tokens = torch.randint(0, 256, (1, 16))
+    assert torch.isfinite(model(tokens)).all()
