@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <string_view>
 
 #include "kernels/gating.h"
@@ -26,6 +27,14 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), "moe_ext: ", name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device(), "; move both to the same device");
+}
+
+// A capacity layout has num_experts * capacity rows; that count must fit in int64 (an overflow
+// would size the buffer wrongly and write out of bounds).
+inline void check_capacity_rows(int64_t num_experts, int64_t capacity) {
+  TORCH_CHECK(num_experts < 1 || capacity <= std::numeric_limits<int64_t>::max() / num_experts,
+              "moe_ext: capacity = ", capacity, " is too large: num_experts * capacity = ", num_experts, " * ",
+              capacity, " rows overflows int64");
 }
 
 inline kernels::ScoreFunc parse_score_func(std::string_view score_func) {
@@ -78,8 +87,12 @@ inline void check_make_plan(const at::Tensor& indices, int64_t num_experts, std:
   check_index(indices, "indices");
   check_dim(indices, 2, "indices", "[T, k]");
   TORCH_CHECK(num_experts >= 1, "moe_ext: num_experts must be >= 1, got ", num_experts);
+  // CUDA sorts int32 expert keys, and every backend sizes E + 1 offsets from it.
+  TORCH_CHECK(num_experts <= std::numeric_limits<int32_t>::max(), "moe_ext: num_experts must be < 2^31, got ",
+              num_experts);
   if (capacity.has_value()) {
     TORCH_CHECK(*capacity >= 0, "moe_ext: capacity must be >= 0 (or None for dropless), got ", *capacity);
+    check_capacity_rows(num_experts, *capacity);
   }
   if (priority.has_value()) {
     TORCH_CHECK(capacity.has_value(), "moe_ext: priority only applies with a capacity; pass capacity or drop priority");
@@ -95,6 +108,7 @@ inline void check_expert_choice_plan(const at::Tensor& scores, int64_t capacity)
   check_dim(scores, 2, "scores", "[T, E]");
   TORCH_CHECK(scores.sym_size(1) >= 1, "moe_ext: scores must have at least one expert column");
   TORCH_CHECK(capacity >= 0, "moe_ext: capacity must be >= 0, got ", capacity);
+  if (const auto num_experts = scores.sym_size(1).maybe_as_int()) check_capacity_rows(*num_experts, capacity);
 }
 
 inline void check_plan_tensors(const at::Tensor& token_of, const at::Tensor& row_of, const at::Tensor& ref,
@@ -139,6 +153,9 @@ inline void check_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at:
   check_same_device(w, x, "w", "x");
   check_index(offsets, "offsets");
   check_dim(offsets, 1, "offsets", "[E + 1]");
+  // offsets are read on the host, so the CPU is accepted for any x; a meta offsets tensor has no values.
+  TORCH_CHECK(offsets.device() == x.device() || offsets.is_cpu(), "moe_ext: offsets is on ", offsets.device(),
+              " but x is on ", x.device(), "; offsets must be on x's device or on the CPU");
   TORCH_CHECK(offsets.sym_size(0) == w.sym_size(0) + 1, "moe_ext: offsets must have E + 1 = ", w.sym_size(0) + 1,
               " entries for w with E = ", w.sym_size(0), " experts, got ", offsets.sym_size(0));
   TORCH_CHECK(w.sym_size(1) == x.sym_size(1),
@@ -162,6 +179,9 @@ inline void check_load_balancing_loss(const at::Tensor& scores, const at::Tensor
 inline void check_router_z_loss(const at::Tensor& logits) {
   check_floating(logits, "logits");
   check_dim(logits, 2, "logits", "[T, E]");
+  // logsumexp over no experts is -inf: no meaningful loss.
+  TORCH_CHECK(logits.sym_size(1) >= 1, "moe_ext: logits must have at least one expert column, got shape ",
+              logits.sym_sizes());
 }
 
 // Float accumulation dtype for routing outputs: float64 stays, all else float32.

@@ -24,6 +24,20 @@ __all__ = [
 ]
 
 
+def _require_tensor(value, name: str) -> None:
+    # The dispatcher's own message for None ("tensor does not have a device") names no argument.
+    if not isinstance(value, Tensor):
+        raise TypeError(f"moe_ext: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _require_plan(plan) -> None:
+    if not (hasattr(plan, "row_of") and hasattr(plan, "token_of")):
+        raise TypeError(
+            f"moe_ext: plan must be a RoutingPlan (from make_plan or expert_choice_plan), got {type(plan).__name__}"
+            "; wrap the raw op's tuple as ops.RoutingPlan(*plan)"
+        )
+
+
 class RoutingPlan(NamedTuple):
     """Where every (token, choice) assignment lives in the expert-sorted buffer.
 
@@ -74,6 +88,7 @@ def topk_gating(
     Non-finite logits (NaN anywhere; +inf or no finite enabled logit under
     softmax) raise a RuntimeError naming the token.
     """
+    _require_tensor(logits, "logits")
     return torch.ops.moe_ext.topk_gating(
         logits, k, score_func, normalize, bias, float(scale), n_group, topk_group, expert_mask
     )
@@ -91,6 +106,7 @@ def make_plan(
     an assignment whose priority is -inf is always dropped (random routing).
     Output shapes depend only on input shapes (no host sync).
     """
+    _require_tensor(indices, "indices")
     row_of, token_of, counts, offsets = torch.ops.moe_ext.make_plan(indices, num_experts, capacity, priority)
     return RoutingPlan(row_of, token_of, counts, offsets)
 
@@ -104,22 +120,31 @@ def expert_choice_plan(scores: Tensor, capacity: int) -> RoutingPlan:
     expert e did not take token t), so ``combine`` takes [T, E] weights, e.g.
     ``scores.where(plan.row_of >= 0, 0)``. Not differentiable.
     """
+    _require_tensor(scores, "scores")
     row_of, token_of, counts, offsets = torch.ops.moe_ext.expert_choice_plan(scores, capacity)
     return RoutingPlan(row_of, token_of, counts, offsets)
 
 
 def dispatch(x: Tensor, plan: RoutingPlan) -> Tensor:
     """x [T, H] -> x_sorted [N, H]: row r holds x[plan.token_of[r]], zeros for empty rows."""
+    _require_tensor(x, "x")
+    _require_plan(plan)
     return torch.ops.moe_ext.dispatch(x, plan.token_of, plan.row_of)
 
 
 def grouped_mm(x_sorted: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     """[N, in] x [E, in, out] -> [N, out]: rows offsets[e]:offsets[e+1] are multiplied by w[e]."""
+    _require_tensor(x_sorted, "x_sorted")
+    _require_tensor(w, "w")
+    _require_tensor(offsets, "offsets")
     return torch.ops.moe_ext.grouped_mm(x_sorted, w, offsets)
 
 
 def combine(y_sorted: Tensor, weights: Tensor, plan: RoutingPlan) -> Tensor:
     """[N, H], [T, k] -> [T, H]: y[t] = sum_j weights[t, j] * y_sorted[row_of[t, j]]; dropped add nothing."""
+    _require_tensor(y_sorted, "y_sorted")
+    _require_tensor(weights, "weights")
+    _require_plan(plan)
     return torch.ops.moe_ext.combine(y_sorted, weights, plan.row_of, plan.token_of)
 
 
@@ -129,9 +154,18 @@ def load_balancing_loss(scores: Tensor, indices: Tensor, num_experts: int) -> Te
     count_e counts the (t, j) with indices[t, j] == e, so a perfectly balanced
     router scores k. Gradient flows into ``scores``. Zero when T == 0.
     """
+    _require_tensor(scores, "scores")
+    _require_tensor(indices, "indices")
     return torch.ops.moe_ext.load_balancing_loss(scores, indices, num_experts)
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
-    """mean_t logsumexp(logits[t])**2 (ST-MoE); float32 at least; zero when T == 0."""
+    """mean_t logsumexp(logits[t])**2 (ST-MoE); float32 at least; zero when T == 0.
+
+    Logits are not checked for non-finite values (that would cost a host sync): a NaN, a +inf, or
+    a token whose logits are all -inf makes the loss NaN; -inf beside a finite logit counts as
+    exp(-inf) = 0 (a masked expert). ``topk_gating`` raises for such logits, so the layer never
+    reaches this loss with them. E must be >= 1.
+    """
+    _require_tensor(logits, "logits")
     return torch.ops.moe_ext.router_z_loss(logits)

@@ -25,8 +25,8 @@ class TopkGating : public torch::autograd::Function<TopkGating> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    check_no_double_backward(grads, "topk_gating");
     const auto saved = ctx->get_saved_variables();
+    check_no_double_backward(grads, "topk_gating", {saved[0]});
     const std::string score_func = ctx->saved_data["score_func"].toStringRef();
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["logits_dtype"].toInt());
     at::Tensor grad_logits = detail::topk_gating_backward_op().call(grads[0], grads[2], saved[0], saved[1], score_func,

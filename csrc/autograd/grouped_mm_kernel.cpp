@@ -17,8 +17,8 @@ class GroupedMM : public torch::autograd::Function<GroupedMM> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    check_no_double_backward(grads, "grouped_mm");
     const auto saved = ctx->get_saved_variables();
+    check_no_double_backward(grads, "grouped_mm", {saved[0], saved[1]});
     auto [grad_x, grad_w] = detail::grouped_mm_backward_op().call(grads[0], saved[0], saved[1], saved[2]);
     return {grad_x, grad_w, {}};
   }

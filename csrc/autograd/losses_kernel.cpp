@@ -36,8 +36,8 @@ class RouterZLoss : public torch::autograd::Function<RouterZLoss> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    check_no_double_backward(grads, "router_z_loss");
     const auto saved = ctx->get_saved_variables();
+    check_no_double_backward(grads, "router_z_loss", {saved[0]});
     return {detail::router_z_loss_backward_op().call(grads[0], saved[0])};
   }
 };

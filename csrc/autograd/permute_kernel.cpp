@@ -33,8 +33,8 @@ class Combine : public torch::autograd::Function<Combine> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    check_no_double_backward(grads, "combine");
     const auto saved = ctx->get_saved_variables();
+    check_no_double_backward(grads, "combine", {saved[0], saved[1]});
     auto [grad_y_sorted, grad_weights] =
         detail::combine_backward_op().call(grads[0], saved[0], saved[1], saved[2], saved[3]);
     return {grad_y_sorted, grad_weights, {}, {}};
