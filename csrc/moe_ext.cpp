@@ -32,6 +32,8 @@ TORCH_LIBRARY(moe_ext, m) {
   m.def("load_balancing_loss_backward(Tensor grad, Tensor scores, Tensor indices, int num_experts) -> Tensor");
   m.def("router_z_loss(Tensor logits) -> Tensor");
   m.def("router_z_loss_backward(Tensor grad, Tensor logits) -> Tensor");
+  m.def("swiglu(Tensor h) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
 }
 
 namespace detail {
@@ -72,6 +74,8 @@ MOE_EXT_OP_HANDLE(load_balancing_loss_backward_op, "load_balancing_loss_backward
                   at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t))
 MOE_EXT_OP_HANDLE(router_z_loss_op, "router_z_loss", at::Tensor(const at::Tensor&))
 MOE_EXT_OP_HANDLE(router_z_loss_backward_op, "router_z_loss_backward", at::Tensor(const at::Tensor&, const at::Tensor&))
+MOE_EXT_OP_HANDLE(swiglu_op, "swiglu", at::Tensor(const at::Tensor&))
+MOE_EXT_OP_HANDLE(swiglu_backward_op, "swiglu_backward", at::Tensor(const at::Tensor&, const at::Tensor&))
 
 #undef MOE_EXT_OP_HANDLE
 
@@ -119,5 +123,7 @@ at::Tensor load_balancing_loss(const at::Tensor& scores, const at::Tensor& indic
 }
 
 at::Tensor router_z_loss(const at::Tensor& logits) { return detail::router_z_loss_op().call(logits); }
+
+at::Tensor swiglu(const at::Tensor& h) { return detail::swiglu_op().call(h); }
 
 }  // namespace moe_ext

@@ -30,6 +30,8 @@ at::Tensor combine(const at::Tensor& y_sorted, const at::Tensor& weights, const 
 at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets);
 at::Tensor load_balancing_loss(const at::Tensor& scores, const at::Tensor& indices, int64_t num_experts);
 at::Tensor router_z_loss(const at::Tensor& logits);
+// Fused SwiGLU: h [N, 2F] = [gate | up] -> silu(gate) * up [N, F].
+at::Tensor swiglu(const at::Tensor& h);
 
 namespace detail {
 // Typed handles of the registered ops, shared by the public API and autograd.
@@ -57,6 +59,8 @@ const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, 
 load_balancing_loss_backward_op();
 const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)>& router_z_loss_op();
 const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)>& router_z_loss_backward_op();
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)>& swiglu_op();
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)>& swiglu_backward_op();
 }  // namespace detail
 
 }  // namespace moe_ext

@@ -1,6 +1,7 @@
 // Meta (shape-only) kernels of every op, so torch.compile and torch.export can trace them.
 #include <torch/library.h>
 
+#include "../activation_checks.h"
 #include "../checks.h"
 
 namespace moe_ext {
@@ -104,6 +105,16 @@ at::Tensor router_z_loss_backward_meta(const at::Tensor& grad, const at::Tensor&
   return at::empty_symint(logits.sym_sizes(), logits.options());
 }
 
+at::Tensor swiglu_meta(const at::Tensor& h) {
+  check_swiglu(h);
+  return at::empty_symint({h.sym_size(0), h.sym_size(1) / 2}, h.options());
+}
+
+at::Tensor swiglu_backward_meta(const at::Tensor& grad, const at::Tensor& h) {
+  check_swiglu_backward(grad, h);
+  return at::empty_symint(h.sym_sizes(), h.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_ext, Meta, m) {
@@ -121,6 +132,8 @@ TORCH_LIBRARY_IMPL(moe_ext, Meta, m) {
   m.impl("load_balancing_loss_backward", &load_balancing_loss_backward_meta);
   m.impl("router_z_loss", &router_z_loss_meta);
   m.impl("router_z_loss_backward", &router_z_loss_backward_meta);
+  m.impl("swiglu", &swiglu_meta);
+  m.impl("swiglu_backward", &swiglu_backward_meta);
 }
 
 }  // namespace moe_ext
