@@ -588,8 +588,17 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
         """y [..., H]; with ``return_routing=True`` the tuple (y, :class:`Routing`)."""
-        if x.shape[-1] != self.hidden_size:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoE: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE: x must have shape [..., hidden_size = {self.hidden_size}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoE: x must be a floating-point tensor, got {x.dtype}")
+        if x.device != self.w_in.device:
+            raise ValueError(
+                f"MoE: x is on {x.device} but the layer's parameters are on {self.w_in.device}; "
+                f"move one of them (for example layer.to({str(x.device)!r}))"
+            )
         if x.dtype != self.w_in.dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
                 f"MoE: x is {x.dtype} but the layer's parameters are {self.w_in.dtype}; "

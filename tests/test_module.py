@@ -315,3 +315,20 @@ def test_bad_module_input():
         layer(torch.randn(3, 7))
     with pytest.raises(ValueError, match="float64"):
         layer(torch.randn(3, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "make,error,fragment",
+    [
+        (lambda: torch.tensor(1.0), ValueError, "x must have shape [..., hidden_size = 8], got ()"),
+        (lambda: torch.ones(3, 8, dtype=torch.int64), ValueError, "x must be a floating-point tensor, got torch.int64"),
+        (lambda: torch.ones(3, 8, device="meta"), ValueError, "x is on meta but the layer's parameters are on cpu"),
+        (lambda: [[0.0] * 8], TypeError, "x must be a torch.Tensor, got list"),
+    ],
+    ids=["0-dim", "int64", "other-device", "list"],
+)
+def test_layer_bad_inputs_name_x(make, error, fragment):
+    layer = moe_ext.MoE(8, 16, 4, top_k=2)
+    with pytest.raises(error) as info:
+        layer(make())
+    assert fragment in str(info.value)
