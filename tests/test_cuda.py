@@ -283,6 +283,29 @@ def test_losses_match_cpu(T, E, k, dtype):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,width", [(0, 4), (1, 1), (33, 64), (3000, 257)])
+def test_swiglu_matches_cpu(rows, width, dtype):
+    g = make_generator(7)
+    h = (3 * torch.randn(rows, 2 * width, generator=g, dtype=torch.float64)).to(dtype)
+    grad = torch.randn(rows, width, generator=g, dtype=torch.float64).to(dtype)
+    # the same fast_exp on both sides: CUDA and CPU differ only by FMA contraction
+    torch.testing.assert_close(ops.swiglu(h.to(DEV)).cpu(), ops.swiglu(h), **CLOSE[dtype])
+    torch.testing.assert_close(
+        torch.ops.moe_ext.swiglu_backward(grad.to(DEV), h.to(DEV)).cpu(),
+        torch.ops.moe_ext.swiglu_backward(grad, h),
+        **CLOSE[dtype],
+    )
+
+
+def test_swiglu_gradcheck_and_opcheck_cuda():
+    h = torch.randn(6, 10, dtype=torch.float64, device=DEV, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.swiglu, (h,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    torch.library.opcheck(torch.ops.moe_ext.swiglu.default, (h,))
+    grad = torch.randn(6, 5, dtype=torch.float64, device=DEV)
+    torch.library.opcheck(torch.ops.moe_ext.swiglu_backward.default, (grad, h.detach()))
+
+
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("variant", ["default", "bias", "mask", "deepseek"])
 def test_topk_gating_gradcheck_cuda(score_func, variant):
