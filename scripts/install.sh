@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine for moe_ext: pinned torch and dev tools, GoogleTest, and the compiled extension.
+# Sets up a fresh machine for moe_ext: pinned torch and dev tools, GoogleTest, clang with libFuzzer, and the
+# compiled extension.
 # Idempotent: every step checks first and skips what is already in place.
 #
 # Environment:
@@ -19,14 +20,21 @@ fi
 log() { echo "[install] $*"; }
 export PIP_ROOT_USER_ACTION=ignore
 
-# --- System packages: GoogleTest headers and the build tools for CMake ---------
+# --- System packages: GoogleTest headers, the build tools for CMake, clang + libFuzzer -------
 apt_packages=()
 [[ -d /usr/include/gtest ]] || apt_packages+=(libgtest-dev)
 command -v cmake >/dev/null 2>&1 || apt_packages+=(cmake)
 command -v ninja >/dev/null 2>&1 || apt_packages+=(ninja-build)
 command -v g++ >/dev/null 2>&1 || apt_packages+=(g++)
+# The fuzz stage of run_tests.sh: clang and its libFuzzer runtime (libclang_rt.fuzzer, in Debian's
+# libclang-rt-<major>-dev; clang itself only pulls in the sanitizer runtimes).
+if ! command -v clang++ >/dev/null 2>&1; then
+  apt_packages+=(clang libclang-rt-14-dev)
+elif [[ ! -f "$(clang++ -print-resource-dir)/lib/linux/libclang_rt.fuzzer-$(uname -m).a" ]]; then
+  apt_packages+=("libclang-rt-$(clang++ -dumpversion | cut -d. -f1)-dev")
+fi
 if ((${#apt_packages[@]} == 0)); then
-  log "GoogleTest headers, cmake, ninja and g++ present; skipping apt"
+  log "GoogleTest headers, cmake, ninja, g++, clang and libFuzzer present; skipping apt"
 else
   if [[ "$(id -u)" != 0 ]]; then
     echo "[install] error: missing system packages: ${apt_packages[*]}; installing them needs root." >&2

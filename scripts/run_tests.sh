@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The whole test run (what CI runs): set-up, the pytest suite, then the LibTorch CMake build and its
-# GoogleTest suite under ctest, then the CUDA compile check (every CUDA source through nvcc for sm_80 and
-# sm_90, warnings as errors; compiled, never linked or run: CI has no GPU). Every test stage runs even if an
-# earlier one failed; the exit code is non-zero if any stage failed.
+# GoogleTest suites under ctest, then the CUDA compile check (every CUDA source through nvcc for sm_80 and
+# sm_90, warnings as errors; compiled, never linked or run: CI has no GPU), then the GoogleTest suites again
+# in a build with AddressSanitizer + UndefinedBehaviorSanitizer, and a time-bounded libFuzzer run of
+# tests/cpp/fuzz_plan.cpp (clang) from the seed corpus tests/cpp/fuzz_corpus. Every test stage runs even if
+# an earlier one failed; the exit code is non-zero if any stage failed.
 #
 # Environment: PYTHON (interpreter, as in install.sh), JOBS (parallel build jobs, default: nproc),
 # CUDACXX (nvcc to use; default: nvcc on PATH, else /usr/local/cuda/bin/nvcc). Without nvcc the CUDA stage
-# is skipped on a developer machine and fails under CI=true.
+# is skipped on a developer machine and fails under CI=true. FUZZ_SECONDS (length of the fuzz run,
+# default 60).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +21,9 @@ export PYTHON
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
 BUILD_DIR="$REPO/build/cmake"
 CUDA_CHECK_DIR="$REPO/build/cuda-check"
+SANITIZE_DIR="$REPO/build/cmake-sanitize"
+FUZZ_DIR="$REPO/build/cmake-fuzz"
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 
 failed=()
 stage() {
@@ -64,18 +70,56 @@ cuda_compile_check() {
     cmake --build "$CUDA_CHECK_DIR" -j "$JOBS"
 }
 
-stage "1/5 set-up: scripts/install.sh"
+# The sanitized executables carry their ASan/UBSan options (tests/cpp/sanitizer_options.cpp: detect_leaks=0,
+# allocator_may_return_null=1, print_stacktrace=1; UBSan aborts on its first finding); ASAN_OPTIONS and
+# UBSAN_OPTIONS from the environment are applied on top.
+sanitize_build_and_test() {
+  reset_if_not_ninja "$SANITIZE_DIR"
+  cmake -S "$REPO" -B "$SANITIZE_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DPython3_EXECUTABLE="$(command -v "$PYTHON")" -DMOE_EXT_SANITIZE=ON -DMOE_EXT_BUILD_TESTS=ON &&
+    cmake --build "$SANITIZE_DIR" -j "$JOBS" &&
+    ctest --test-dir "$SANITIZE_DIR" --output-on-failure -j "$JOBS"
+}
+
+# libFuzzer writes the inputs it finds to a scratch corpus (the committed seeds are only read) and a crashing
+# input to $FUZZ_DIR/crash-*; its log is $FUZZ_DIR/fuzz.log.
+fuzz_build_and_run() {
+  local clangxx
+  clangxx="$(command -v clang++ || true)"
+  if [[ -z "$clangxx" ]]; then
+    echo "no clang++ on PATH (scripts/install.sh installs clang and libclang-rt-14-dev)"
+    return 1
+  fi
+  reset_if_not_ninja "$FUZZ_DIR"
+  cmake -S "$REPO" -B "$FUZZ_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER="$clangxx" \
+    -DPython3_EXECUTABLE="$(command -v "$PYTHON")" -DMOE_EXT_FUZZ=ON -DMOE_EXT_BUILD_TESTS=OFF &&
+    cmake --build "$FUZZ_DIR" -j "$JOBS" || return 1
+  local scratch status=0
+  scratch="$(mktemp -d)"
+  "$FUZZ_DIR/moe_ext_fuzz_plan" -max_total_time="$FUZZ_SECONDS" -timeout=10 -print_final_stats=1 \
+    -artifact_prefix="$FUZZ_DIR/" "$scratch" "$REPO/tests/cpp/fuzz_corpus" >"$FUZZ_DIR/fuzz.log" 2>&1 || status=$?
+  rm -rf "$scratch"
+  if [[ $status != 0 ]]; then
+    tail -n 60 "$FUZZ_DIR/fuzz.log"
+    echo "fuzz run failed (exit $status): the input is $FUZZ_DIR/crash-* (or oom-*/timeout-*); replay it with"
+    echo "  $FUZZ_DIR/moe_ext_fuzz_plan <that file>"
+    return "$status"
+  fi
+  grep -E '^(INFO: seed corpus|#[0-9]+\s+INITED|stat::|Done [0-9]+ runs)' "$FUZZ_DIR/fuzz.log"
+}
+
+stage "1/7 set-up: scripts/install.sh"
 start=$SECONDS
 bash scripts/install.sh
 echo "---- set-up: ok in $((SECONDS - start)) s"
 
-stage "2/5 pytest: python -m pytest tests -q"
+stage "2/7 pytest: python -m pytest tests -q"
 run_stage pytest "$PYTHON" -m pytest tests -q
 
-stage "3/5 CMake: configure and build $BUILD_DIR (LibTorch library + GoogleTest suite)"
+stage "3/7 CMake: configure and build $BUILD_DIR (LibTorch library + GoogleTest suite)"
 run_stage cmake-build cmake_build
 
-stage "4/5 ctest: GoogleTest suite"
+stage "4/7 ctest: GoogleTest suite"
 if [[ " ${failed[*]} " == *" cmake-build "* ]]; then
   echo "---- ctest: skipped, the CMake build failed"
   failed+=(ctest)
@@ -83,8 +127,14 @@ else
   run_stage ctest ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$JOBS"
 fi
 
-stage "5/5 CUDA compile check: nvcc for sm_80 and sm_90, warnings as errors, in $CUDA_CHECK_DIR"
+stage "5/7 CUDA compile check: nvcc for sm_80 and sm_90, warnings as errors, in $CUDA_CHECK_DIR"
 run_stage cuda-compile-check cuda_compile_check
+
+stage "6/7 sanitizers: GoogleTest suites with ASan + UBSan in $SANITIZE_DIR"
+run_stage sanitize sanitize_build_and_test
+
+stage "7/7 fuzz: libFuzzer on make_plan/dispatch/combine for $FUZZ_SECONDS s in $FUZZ_DIR (clang)"
+run_stage fuzz fuzz_build_and_run
 
 echo
 if ((${#failed[@]})); then

@@ -97,6 +97,8 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_weights_in, const at:
   check_dim(indices_in, 2, "indices", "[T, k]");
   TORCH_CHECK(grad_weights_in.sizes() == indices_in.sizes(), "moe_ext: grad_weights must have the shape of indices");
   TORCH_CHECK(grad_scores_in.sizes() == scores_in.sizes(), "moe_ext: grad_scores must have the shape of scores");
+  TORCH_CHECK(indices_in.size(0) == scores_in.size(0), "moe_ext: indices has ", indices_in.size(0),
+              " tokens but scores has ", scores_in.size(0));
   const int64_t T = scores_in.size(0), E = scores_in.size(1), k = indices_in.size(1);
   const at::Tensor scores = scores_in.contiguous();
   const at::Tensor grad_weights = grad_weights_in.to(scores.scalar_type()).contiguous();

@@ -73,6 +73,8 @@ at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& token_of_in, c
   at::Tensor out = at::empty({N, H}, x.options());
   const int64_t* tokens = token_of.const_data_ptr<int64_t>();
   const size_t row_bytes = static_cast<size_t>(H) * x.element_size();
+  // H = 0: nothing to copy, and memcpy/memset must not be given the null data pointer of an empty tensor.
+  if (row_bytes == 0) return out;
   const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
   at::parallel_for(0, N, row_grain(H), [&](int64_t r0, int64_t r1) {

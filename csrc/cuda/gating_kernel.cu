@@ -223,6 +223,8 @@ at::Tensor topk_gating_backward_cuda(const at::Tensor& grad_weights_in, const at
   check_dim(indices_in, 2, "indices", "[T, k]");
   TORCH_CHECK(grad_weights_in.sizes() == indices_in.sizes(), "moe_ext: grad_weights must have the shape of indices");
   TORCH_CHECK(grad_scores_in.sizes() == scores_in.sizes(), "moe_ext: grad_scores must have the shape of scores");
+  TORCH_CHECK(indices_in.size(0) == scores_in.size(0), "moe_ext: indices has ", indices_in.size(0),
+              " tokens but scores has ", scores_in.size(0));
   check_same_device(indices_in, scores_in, "indices", "scores");
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const int64_t T = scores_in.size(0), E = scores_in.size(1), k = indices_in.size(1);

@@ -142,9 +142,10 @@ MOE_INLINE void token_weights(const acc* scores, const int64_t* indices, const G
     weights[j] = scores[indices[j]];
     total += weights[j];
   }
-  const acc factor = cfg.normalize ? static_cast<acc>(cfg.scale) / (total + static_cast<acc>(kNormalizeEps))
-                                   : static_cast<acc>(cfg.scale);
-  for (int64_t j = 0; j < cfg.k; ++j) weights[j] *= factor;
+  // Normalize first, then scale (as transformers does): s_j / D <= 1, so a large scale cannot overflow
+  // where scale / D would (scale / 1e-20 is inf in float for any scale above ~3e18, and 0 * inf is NaN).
+  const acc denom = cfg.normalize ? total + static_cast<acc>(kNormalizeEps) : acc(1);
+  for (int64_t j = 0; j < cfg.k; ++j) weights[j] = weights[j] / denom * static_cast<acc>(cfg.scale);
 }
 
 // Gradient of one token's logits given the gradients of its weights [k] and
@@ -166,7 +167,7 @@ MOE_INLINE void token_gating_backward(const acc* grad_weights, const acc* grad_s
       acc dot = 0;
       for (int64_t j = 0; j < cfg.k; ++j) dot += grad_weights[j] * scores[indices[j]];
       dot /= denom;
-      for (int64_t j = 0; j < cfg.k; ++j) grad_scores_buf[indices[j]] += scale / denom * (grad_weights[j] - dot);
+      for (int64_t j = 0; j < cfg.k; ++j) grad_scores_buf[indices[j]] += (grad_weights[j] - dot) / denom * scale;
     } else {
       for (int64_t j = 0; j < cfg.k; ++j) grad_scores_buf[indices[j]] += scale * grad_weights[j];
     }

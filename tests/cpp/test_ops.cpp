@@ -14,20 +14,14 @@
 #include <vector>
 
 #include "moe_ext.h"
+#include "op_checks.h"
+#include "plan_reference.h"
 
 namespace {
 
 using at::Tensor;
-
-struct Plan {
-  Tensor row_of, token_of, counts, offsets;
-};
-
-Plan make_plan(const Tensor& indices, int64_t num_experts, std::optional<int64_t> capacity = std::nullopt,
-               const std::optional<Tensor>& priority = std::nullopt) {
-  auto [row_of, token_of, counts, offsets] = moe_ext::make_plan(indices, num_experts, capacity, priority);
-  return {row_of, token_of, counts, offsets};
-}
+using moe_ext::op_checks::make_plan;
+using moe_ext::op_checks::Plan;
 
 Tensor randn(at::IntArrayRef sizes, at::ScalarType dtype = at::kDouble) {
   return at::randn(sizes, at::TensorOptions().dtype(at::kDouble)).to(dtype);
@@ -96,62 +90,13 @@ Tensor reference_load_balancing_loss(const Tensor& scores, const Tensor& indices
 
 Tensor reference_z_loss(const Tensor& logits) { return at::logsumexp(logits, 1).pow(2).mean(); }
 
-// make_plan in plain loops: expert-grouped, stable; under capacity the kept assignments of an expert are
-// the first C by (priority desc, slot j, token t) and sit in token order in the expert's rows.
-struct PlanRef {
-  std::vector<int64_t> row_of, token_of, counts, offsets;
-};
-
-PlanRef reference_plan(const Tensor& indices_in, int64_t E, std::optional<int64_t> capacity = std::nullopt,
-                       const std::optional<Tensor>& priority_in = std::nullopt) {
-  const Tensor indices = indices_in.contiguous();
-  const int64_t T = indices.size(0), k = indices.size(1), A = T * k;
-  const int64_t* idx = indices.const_data_ptr<int64_t>();
-  PlanRef ref;
-  ref.counts.assign(E, 0);
-  for (int64_t a = 0; a < A; ++a) ++ref.counts[idx[a]];
-  ref.row_of.assign(A, -1);
-  if (!capacity.has_value()) {
-    ref.offsets.assign(E + 1, 0);
-    for (int64_t e = 0; e < E; ++e) ref.offsets[e + 1] = ref.offsets[e] + ref.counts[e];
-    ref.token_of.assign(A, -1);
-    std::vector<int64_t> next(ref.offsets.begin(), ref.offsets.end() - 1);
-    for (int64_t a = 0; a < A; ++a) {
-      const int64_t row = next[idx[a]]++;
-      ref.row_of[a] = row;
-      ref.token_of[row] = a / k;
-    }
-    return ref;
-  }
-  const int64_t C = *capacity;
-  ref.offsets.resize(E + 1);
-  for (int64_t e = 0; e <= E; ++e) ref.offsets[e] = e * C;
-  ref.token_of.assign(E * C, -1);
-  std::vector<double> priority;
-  if (priority_in.has_value()) {
-    const Tensor p = priority_in->to(at::kDouble).contiguous();
-    priority.assign(p.const_data_ptr<double>(), p.const_data_ptr<double>() + A);
-  }
-  for (int64_t e = 0; e < E; ++e) {
-    std::vector<int64_t> mine;  // a priority of -inf means "never keep"
-    for (int64_t a = 0; a < A; ++a) {
-      if (idx[a] == e && (priority.empty() || priority[a] != -std::numeric_limits<double>::infinity())) {
-        mine.push_back(a);
-      }
-    }
-    std::vector<int64_t> ranked = mine;
-    std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t b) {
-      if (!priority.empty() && priority[a] != priority[b]) return priority[a] > priority[b];
-      return std::make_pair(a % k, a / k) < std::make_pair(b % k, b / k);
-    });
-    ranked.resize(std::min<size_t>(ranked.size(), C));
-    std::sort(ranked.begin(), ranked.end());
-    for (size_t i = 0; i < ranked.size(); ++i) {
-      ref.row_of[ranked[i]] = e * C + static_cast<int64_t>(i);
-      ref.token_of[e * C + i] = ranked[i] / k;
-    }
-  }
-  return ref;
+// make_plan in plain loops (tests/cpp/plan_reference.h).
+moe_ext::reference::Plan reference_plan(const Tensor& indices, int64_t E,
+                                        std::optional<int64_t> capacity = std::nullopt,
+                                        const std::optional<Tensor>& priority = std::nullopt) {
+  return moe_ext::reference::make_plan(
+      moe_ext::op_checks::to_ints(indices), indices.size(0), indices.size(1), E, capacity,
+      priority.has_value() ? moe_ext::op_checks::to_reals(*priority) : moe_ext::reference::Reals());
 }
 
 std::vector<int64_t> to_vector(const Tensor& t) {
@@ -159,7 +104,7 @@ std::vector<int64_t> to_vector(const Tensor& t) {
   return std::vector<int64_t>(c.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>() + c.numel());
 }
 
-void expect_plan_equals(const Plan& plan, const PlanRef& ref) {
+void expect_plan_equals(const Plan& plan, const moe_ext::reference::Plan& ref) {
   EXPECT_EQ(to_vector(plan.row_of), ref.row_of);
   EXPECT_EQ(to_vector(plan.token_of), ref.token_of);
   EXPECT_EQ(to_vector(plan.counts), ref.counts);
