@@ -70,9 +70,9 @@ cuda_compile_check() {
     cmake --build "$CUDA_CHECK_DIR" -j "$JOBS"
 }
 
-# The sanitized executables carry their ASan/UBSan options (tests/cpp/sanitizer_options.cpp: detect_leaks=0,
-# allocator_may_return_null=1, print_stacktrace=1; UBSan aborts on its first finding); ASAN_OPTIONS and
-# UBSAN_OPTIONS from the environment are applied on top.
+# The sanitized executables carry their ASan/UBSan run-time options (tests/cpp/sanitizer_options.cpp: extra
+# ASan checks, leak detection on, UBSan stack traces; UBSan aborts on its first finding, as ASan does), so
+# plain ctest needs no environment; ASAN_OPTIONS and UBSAN_OPTIONS from the environment apply on top.
 sanitize_build_and_test() {
   reset_if_not_ninja "$SANITIZE_DIR"
   cmake -S "$REPO" -B "$SANITIZE_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
