@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import ops
+from .layer import EXPERT_PARAMETERS
 
 __all__ = [
     "average_expert_gradients",
@@ -52,8 +53,6 @@ __all__ = [
     "expert_parameters",
     "full_state_dict",
 ]
-
-EXPERT_PARAMETERS = ("w_in", "w_out", "b_in", "b_out")
 
 
 class _AllToAll(torch.autograd.Function):

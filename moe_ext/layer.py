@@ -23,6 +23,10 @@ _GATED = {
 _PLAIN = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
+# The per-expert tensors of a layer ([E, ...], or [E / W, ...] when expert-parallel).
+EXPERT_PARAMETERS = ("w_in", "w_out", "b_in", "b_out")
+
+
 class RoutingStats(NamedTuple):
     """Routing statistics of one forward, as tensors (reading a value syncs, building them does not).
 
@@ -368,8 +372,13 @@ class MoE(nn.Module):
             return
         for expert in range(self.num_experts):
             block = torch.empty_like(param[0]).uniform_(-bound, bound)
-            if 0 <= expert - self.expert_offset < self.num_local_experts:
-                param[expert - self.expert_offset].copy_(block)
+            if (local := self._local_index(expert)) is not None:
+                param[local].copy_(block)
+
+    def _local_index(self, expert: int) -> int | None:
+        """Index in w_in/w_out of global expert ``expert``, None when another rank holds it."""
+        local = expert - self.expert_offset
+        return local if 0 <= local < self.num_local_experts else None
 
     # ----- expert parallelism -----------------------------------------------------------------------
 
@@ -494,17 +503,18 @@ class MoE(nn.Module):
         the rank holding ``src`` sends its weights to the one holding ``dst``.
         """
         src, dst = self._expert_ids([src, dst], "clone_expert")
-        names = [name for name in ("w_in", "w_out", "b_in", "b_out") if getattr(self, name) is not None]
-        for name in names:
-            param = getattr(self, name)
+        for param in [getattr(self, name) for name in EXPERT_PARAMETERS]:
+            if param is None:
+                continue
             if self.expert_parallel_group is None:
                 param[dst].copy_(param[src])
                 continue
-            owner, local = divmod(src, self.num_local_experts)
-            block = param[local].clone() if owner == self.expert_parallel_rank else torch.empty_like(param[0])
+            owner = src // self.num_local_experts
+            source = self._local_index(src)
+            block = param[source].clone() if source is not None else torch.empty_like(param[0])
             dist.broadcast(block, dist.get_global_rank(self.expert_parallel_group, owner), self.expert_parallel_group)
-            if 0 <= dst - self.expert_offset < self.num_local_experts:
-                param[dst - self.expert_offset].copy_(block)
+            if (target := self._local_index(dst)) is not None:
+                param[target].copy_(block)
         if copy_router:
             self.router.weight[dst].copy_(self.router.weight[src])
             if self.router.bias is not None:
@@ -740,7 +750,7 @@ class _DenseFFN(nn.Module):
 def _load_expert_shard(module: MoE, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
     """load_state_dict pre-hook of expert-parallel layers: a full checkpoint (all E experts, as saved by a
     single-process layer or moe_ext.distributed.full_state_dict) loads as this rank's share of it."""
-    for name in ("w_in", "w_out", "b_in", "b_out"):
+    for name in EXPERT_PARAMETERS:
         key = prefix + name
         if getattr(module, name) is None or key not in state_dict:
             continue
