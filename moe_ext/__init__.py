@@ -1,6 +1,6 @@
 """moe_ext: Mixture-of-Experts layers for PyTorch, backed by C++/CUDA operators."""
 
-from . import distributed, ops
+from . import distributed, memory, ops
 from .convert import replace_modules, upcycle
 from .layer import MoE, RoutingStats, aux_loss, set_aux_loss_scale
 from .monitor import ExpertUsage, GroupSkew, RoutingTrace, trace_routing
@@ -17,6 +17,7 @@ __all__ = [
     "RoutingTrace",
     "aux_loss",
     "distributed",
+    "memory",
     "ops",
     "replace_modules",
     "upcycle",

@@ -2,8 +2,9 @@
 
 Four threads share one moe_ext.MoE layer (and call the raw ops) on different inputs, many times,
 in different orders; every result must equal, bitwise, the result of the same call made alone.
-The C++ side keeps no mutable global state (only function-local `static const` operator
-handles, initialized once, thread-safely), so nothing but the intra-op thread pool is shared.
+The C++ side's only mutable global state is the CPU output cache (csrc/cpu/output_cache.cpp,
+behind one mutex; tests/test_memory.py hammers it from threads); everything else is
+function-local `static const` operator handles, initialized once, thread-safely.
 """
 
 from __future__ import annotations

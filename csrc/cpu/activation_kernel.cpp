@@ -6,6 +6,7 @@
 
 #include "../activation_checks.h"
 #include "../kernels/activation.h"
+#include "output_cache.h"
 
 namespace moe_ext {
 namespace {
@@ -98,7 +99,7 @@ at::Tensor swiglu_cpu(const at::Tensor& h_in) {
   check_swiglu(h_in);
   const at::Tensor h = h_in.contiguous();
   const int64_t N = h.size(0), F = h.size(1) / 2;
-  at::Tensor out = at::empty({N, F}, h.options());
+  at::Tensor out = cpu::empty_output({N, F}, h.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "swiglu_cpu", [&] {
     const scalar_t* src = h.const_data_ptr<scalar_t>();
@@ -112,7 +113,7 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& h_in
   check_swiglu_backward(grad_in, h_in);
   const at::Tensor h = h_in.contiguous(), grad = grad_in.contiguous();
   const int64_t N = h.size(0), F = h.size(1) / 2;
-  at::Tensor grad_h = at::empty({N, 2 * F}, h.options());
+  at::Tensor grad_h = cpu::empty_output({N, 2 * F}, h.options());
   if (grad_h.numel() == 0) return grad_h;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "swiglu_backward_cpu", [&] {
     const scalar_t* src = h.const_data_ptr<scalar_t>();

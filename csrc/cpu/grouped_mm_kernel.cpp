@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "output_cache.h"
 
 namespace moe_ext {
 namespace {
@@ -73,7 +74,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const 
   const auto bounds = read_offsets(offsets, N);
   std::vector<int64_t> begin(bounds.begin(), bounds.end() - 1), count(E);
   for (int64_t e = 0; e < E; ++e) count[e] = bounds[e + 1] - bounds[e];
-  at::Tensor y = at::empty({N, out_cols}, x.options());
+  at::Tensor y = cpu::empty_output({N, out_cols}, x.options());
   run_tiles(make_tiles(begin, count, out_cols), N * x.size(1) * out_cols, [&](const Tile& t) {
     at::Tensor out = y.narrow(0, t.row0, t.rows).narrow(1, t.col0, t.cols);
     at::mm_out(out, x.narrow(0, t.row0, t.rows), w[t.expert].narrow(1, t.col0, t.cols));
@@ -95,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   for (int64_t e = 0; e < E; ++e) count[e] = bounds[e + 1] - bounds[e];
 
   // grad_x[rows of e] = grad_y[rows of e] @ w[e]^T
-  at::Tensor grad_x = at::empty({N, in_cols}, x.options());
+  at::Tensor grad_x = cpu::empty_output({N, in_cols}, x.options());
   run_tiles(make_tiles(begin, count, in_cols), N * in_cols * out_cols, [&](const Tile& t) {
     at::Tensor out = grad_x.narrow(0, t.row0, t.rows).narrow(1, t.col0, t.cols);
     at::mm_out(out, grad.narrow(0, t.row0, t.rows), w[t.expert].narrow(0, t.col0, t.cols).t());
@@ -103,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
 
   // grad_w[e] = x[rows of e]^T @ grad_y[rows of e]: tiles over [in, out] of
   // every expert, each reducing over all of that expert's rows.
-  at::Tensor grad_w = at::empty({E, in_cols, out_cols}, w.options());
+  at::Tensor grad_w = cpu::empty_output({E, in_cols, out_cols}, w.options());
   std::vector<int64_t> zero_begin(E, 0), in_rows(E, in_cols);
   run_tiles(make_tiles(zero_begin, in_rows, out_cols), N * in_cols * out_cols, [&](const Tile& t) {
     at::Tensor out = grad_w[t.expert].narrow(0, t.row0, t.rows).narrow(1, t.col0, t.cols);

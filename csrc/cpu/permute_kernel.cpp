@@ -11,6 +11,7 @@
 #include "../kernels/permute.h"
 #include "../kernels/plan.h"
 #include "cpu_utils.h"
+#include "output_cache.h"
 
 namespace moe_ext {
 namespace {
@@ -70,7 +71,7 @@ at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& token_of_in, c
   const at::Tensor x = x_in.contiguous(), token_of = token_of_in.contiguous(), row_of = row_of_in.contiguous();
   validate_plan(row_of, token_of);
   const int64_t N = token_of.size(0), H = x.size(1);
-  at::Tensor out = at::empty({N, H}, x.options());
+  at::Tensor out = cpu::empty_output({N, H}, x.options());
   const int64_t* tokens = token_of.const_data_ptr<int64_t>();
   const size_t row_bytes = static_cast<size_t>(H) * x.element_size();
   // H = 0: nothing to copy, and memcpy/memset must not be given the null data pointer of an empty tensor.
@@ -100,7 +101,7 @@ at::Tensor dispatch_backward_cpu(const at::Tensor& grad_in, const at::Tensor& to
   const at::Tensor grad = grad_in.contiguous(), token_of = token_of_in.contiguous(), row_of = row_of_in.contiguous();
   validate_plan(row_of, token_of);
   const int64_t T = row_of.size(0), k = row_of.size(1), H = grad.size(1);
-  at::Tensor grad_x = at::empty({T, H}, grad.options());
+  at::Tensor grad_x = cpu::empty_output({T, H}, grad.options());
   const int64_t* rows = row_of.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "dispatch_backward_cpu", [&] {
     using acc = at::opmath_type<scalar_t>;
@@ -127,7 +128,7 @@ at::Tensor combine_cpu(const at::Tensor& y_in, const at::Tensor& weights_in, con
   const at::Tensor y = y_in.contiguous(), row_of = row_of_in.contiguous(), token_of = token_of_in.contiguous();
   validate_plan(row_of, token_of);
   const int64_t T = row_of.size(0), k = row_of.size(1), H = y.size(1);
-  at::Tensor out = at::empty({T, H}, y.options());
+  at::Tensor out = cpu::empty_output({T, H}, y.options());
   const int64_t* rows = row_of.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "combine_cpu", [&] {
     using acc = at::opmath_type<scalar_t>;
@@ -162,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_i
   const at::Tensor grad = grad_in.to(y.scalar_type()).contiguous();
   validate_plan(row_of, token_of);
   const int64_t T = row_of.size(0), k = row_of.size(1), N = y.size(0), H = y.size(1);
-  at::Tensor grad_y_sorted = at::empty({N, H}, y.options());
+  at::Tensor grad_y_sorted = cpu::empty_output({N, H}, y.options());
   at::Tensor grad_weights;
   const int64_t* rows = row_of.const_data_ptr<int64_t>();
   const int64_t* tokens = token_of.const_data_ptr<int64_t>();
