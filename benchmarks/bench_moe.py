@@ -251,14 +251,19 @@ def bench_one(name: str, config: Config, dtype: torch.dtype, args) -> dict:
         timed.update({n: f[which] for n, f in fns.items()})
         times = _common.time_interleaved(timed, repeats=args.repeats, warmup=args.warmup)
         for n, t in times.items():
-            peak = None if n in FLOORS else _common.peak_tensor_bytes(timed[n], getattr(timed[n], "reset_grads", None))
+            if n in FLOORS:
+                peak = floor.working_set_bytes(backward=bool(which))
+            else:
+                peak = _common.peak_tensor_bytes(timed[n], getattr(timed[n], "reset_grads", None))
             results[n][mode] = {**t, "peak_bytes": peak}
         # the floor is the faster of the two ways to run the same GEMMs
         floor_t = min(times[n]["median_s"] for n in FLOORS)
         ext_t = times["moe_ext"]["median_s"]
+        floor_peak = results["floor"][mode]["peak_bytes"]
         for n in times:
             results[n][mode]["vs_floor"] = times[n]["median_s"] / floor_t
             results[n][mode]["vs_moe_ext"] = times[n]["median_s"] / ext_t
+            results[n][mode]["peak_vs_floor"] = results[n][mode]["peak_bytes"] / floor_peak if floor_peak else None
     out = {
         "config": dataclasses.asdict(config),
         "dtype": str(dtype).replace("torch.", ""),
@@ -280,7 +285,7 @@ def print_result(name: str, r: dict) -> None:
     headers = ["impl"]
     for mode in modes:
         short = "fwd" if mode == "forward" else "fwd+bwd"
-        headers += [f"{short} ms", "/floor", "/moe_ext", "peak MB"]
+        headers += [f"{short} ms", "/floor", "/moe_ext", "peak MB", "/floor"]
     headers.append("check")
     rows = []
     for impl, per_mode in r["results"].items():
@@ -292,6 +297,7 @@ def print_result(name: str, r: dict) -> None:
                 _common.fmt_ratio(m["vs_floor"]),
                 _common.fmt_ratio(m["vs_moe_ext"]),
                 _common.fmt_mb(m["peak_bytes"]),
+                _common.fmt_ratio(m.get("peak_vs_floor")),
             ]
         chk = r["checks"].get(impl)
         row.append("-" if chk is None else f"{max(v for k, v in chk.items() if k.endswith('rel_err')):.1e}")

@@ -358,6 +358,25 @@ class GemmFloor:
         self._run_expert_parallel(self._forward_group)
         self._run_expert_parallel(self._backward_group)
 
+    def working_set_bytes(self, backward: bool) -> int:
+        """Bytes of the tensors a step must produce, all counted as live at once: the grouped
+        input and the GEMM outputs (x, h, a, y) in forward; also the gradients of the expert
+        rows (gy, ga, gh, gx) and of every expert weight in forward+backward. The floor's
+        stand-in for peak memory: an upper bound on what it holds, since it never frees."""
+        names = ("x", "h", "a", "y", "gy", "ga", "gh", "gx") if backward else ("x", "h", "a", "y")
+        total = 0
+        for _, _, rows, _, _ in self._all():
+            total += sum(rows[n].nbytes for n in names)
+        if backward:
+            seen = set()
+            for _, _, _, gw_in, gw_out in self._all():
+                for t in (gw_in, gw_out):  # per-expert views of one [E, ...] buffer: count it once
+                    base = t._base if t._base is not None else t
+                    if id(base) not in seen:
+                        seen.add(id(base))
+                        total += base.nbytes
+        return total
+
     def flops(self, backward: bool) -> int:
         """Multiply-adds x 2 of the GEMMs run (forward: 3 per expert row; backward: 6)."""
         total = 0
