@@ -27,13 +27,18 @@ def time_interleaved(
     warmup: int = 2,
     min_seconds: float = 0.25,
     max_repeats: int = 200,
+    slow_seconds: float = 2.0,
+    slow_repeats: int = 3,
 ) -> dict[str, dict]:
     """Times every function round-robin (a, b, c, a, b, c, ...) so machine noise hits all alike.
 
     After ``warmup`` untimed calls each, the number of rounds is at least ``repeats`` and
     large enough that one function gets ``min_seconds`` of timed calls (capped at
-    ``max_repeats``). Returns per name: median, p25, p75, min (seconds) and the run count.
-    Python's garbage collector is off while timing.
+    ``max_repeats``). A function whose last warm-up call took over ``slow_seconds`` (a peer
+    hundreds of times slower than the rest) runs in the first ``slow_repeats`` rounds only,
+    so it cannot stretch a whole benchmark by minutes; its run count says so. Returns per
+    name: median, p25, p75, min (seconds) and the run count. Python's garbage collector is
+    off while timing.
     """
     estimate = {}
     for name, fn in fns.items():
@@ -41,14 +46,17 @@ def time_interleaved(
             start = time.perf_counter()
             fn()
             estimate[name] = time.perf_counter() - start
-    slowest = max(estimate.values(), default=0.0)
+    slow = {name for name, seconds in estimate.items() if seconds > slow_seconds}
+    slowest = max((v for n, v in estimate.items() if n not in slow), default=0.0)
     rounds = max(repeats, min(max_repeats, math.ceil(min_seconds / max(slowest, 1e-7))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     gc.collect()
     gc.disable()
     try:
-        for _ in range(rounds):
+        for round_ in range(rounds):
             for name, fn in fns.items():
+                if name in slow and round_ >= slow_repeats:
+                    continue
                 start = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - start)

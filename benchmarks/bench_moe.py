@@ -5,7 +5,8 @@
 
 For every config and dtype, every implementation (benchmarks/peers.py) gets the weights of one
 moe_ext layer, its output and input gradient are checked against moe_ext's (the run aborts if
-one disagrees), then all are timed round-robin: median of >= 10 timed runs after warm-up, on
+one disagrees), then all are timed round-robin: median of >= 10 timed runs after warm-up (3 for
+a peer whose every call takes over 2 s, said under its table), on
 --threads threads (2). Peak memory is the peak of live tensor bytes during one call (see
 _common.peak_tensor_bytes). Writes benchmarks/results/bench_moe.json.
 """
@@ -310,6 +311,11 @@ def print_result(name: str, r: dict) -> None:
     _common.print_table(headers, rows, title)
     for k, v in r["notes"].items():
         print(f"  note: {k}: {v}")
+    for impl, per_mode in r["results"].items():
+        few = {mode: m["runs"] for mode, m in per_mode.items() if m["runs"] < 10}
+        if few:
+            runs = ", ".join(f"{mode} {n}" for mode, n in few.items())
+            print(f"  note: {impl} timed {runs} time(s) only: each call took over 2 s (see _common.time_interleaved)")
     ties = max((chk["tied_tokens"] for chk in r["checks"].values()), default=0)
     if ties:
         print(f"  note: {ties} token(s) have tied k-th/(k+1)-th router logits; excluded from the check")

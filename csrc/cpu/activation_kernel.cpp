@@ -6,29 +6,11 @@
 
 #include "../activation_checks.h"
 #include "../kernels/activation.h"
+#include "cpu_utils.h"
 #include "output_cache.h"
 
 namespace moe_ext {
 namespace {
-
-// Row-range loops, compiled three times and picked at load time (ifunc) by CPU features, not CPU model:
-// x86-64-v4 (AVX-512, 16 floats per instruction), x86-64-v3 (AVX2 + FMA, 8) and baseline x86-64 (4). The loops below
-// are always inlined into each clone so that they are compiled for its ISA. Every element is computed on its own; with
-// FMA contraction the last bit can differ between clones (machines), never between runs or thread counts.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MOE_EXT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MOE_EXT_CPU_CLONES
-#endif
-#define MOE_EXT_ALWAYS_INLINE __attribute__((always_inline)) inline
-// The rows read and written never overlap (h, grad and the outputs are distinct tensors, the gate and up
-// halves distinct columns): say so, since after inlining the compiler may not see it and would guard the
-// vector loop with run-time overlap checks that send adjacent halves down the scalar loop.
-#if defined(__GNUC__) && !defined(__clang__)
-#define MOE_EXT_IVDEP _Pragma("GCC ivdep")
-#else
-#define MOE_EXT_IVDEP
-#endif
 
 // Rows per parallel task: about 64K elements, so small inputs stay on the calling thread.
 int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, width)); }

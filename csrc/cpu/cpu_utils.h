@@ -1,10 +1,30 @@
-// Helpers shared by the CPU kernels: first-error tracking across threads and deterministic blocked sums.
+// Helpers shared by the CPU kernels: ISA clones of row loops, first-error tracking across threads, deterministic sums.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <atomic>
 #include <vector>
+
+// Element-wise row loops (activation, dispatch/combine) are compiled three times and picked at load time
+// (ifunc) by CPU features, not CPU model:
+// x86-64-v4 (AVX-512, 16 floats per instruction), x86-64-v3 (AVX2 + FMA, 8) and baseline x86-64 (4). The loops
+// are always inlined into each clone so that they are compiled for its ISA. With FMA contraction the last bit can
+// differ between clones (machines), never between runs or thread counts.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MOE_EXT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MOE_EXT_CPU_CLONES
+#endif
+#define MOE_EXT_ALWAYS_INLINE __attribute__((always_inline)) inline
+// For loops whose rows read and written never overlap (distinct tensors, or distinct columns of one): say so,
+// since after inlining the compiler may not see it and would guard the vector loop with run-time overlap
+// checks that send adjacent rows down the scalar loop.
+#if defined(__GNUC__) && !defined(__clang__)
+#define MOE_EXT_IVDEP _Pragma("GCC ivdep")
+#else
+#define MOE_EXT_IVDEP
+#endif
 
 namespace moe_ext {
 namespace cpu {

@@ -1,6 +1,5 @@
 // CPU kernels of dispatch and combine and their backward: row gathers and per-token weighted sums.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -19,6 +18,94 @@ namespace {
 using kernels::PlanError;
 
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, hidden)); }
+
+// Row loops of combine and of the backward of dispatch and combine, compiled per ISA (MOE_EXT_CPU_CLONES);
+// the per-element math is kernels::axpy_row / dot_row. `weights` null means weight 1.
+template <typename T>
+MOE_EXT_ALWAYS_INLINE void weighted_row_sums(const T* src, const int64_t* rows, const kernels::acc_t<T>* weights,
+                                             int64_t k, int64_t H, int64_t t0, int64_t t1, kernels::acc_t<T>* sum,
+                                             T* out) {
+  using acc = kernels::acc_t<T>;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t h = 0; h < H; ++h) sum[h] = acc(0);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t r = rows[t * k + j];
+      if (r >= 0) kernels::axpy_row(weights == nullptr ? acc(1) : weights[t * k + j], src + r * H, H, sum);
+    }
+    T* dst = out + t * H;
+    MOE_EXT_IVDEP
+    for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<T>(sum[h]);
+  }
+}
+
+// out[r] = weight of (t, j) * grad[t] for the (t, j) that owns row r, 0 for unowned rows.
+template <typename T>
+MOE_EXT_ALWAYS_INLINE void scaled_rows(const T* grad, const int64_t* tokens, const int64_t* rows,
+                                       const kernels::acc_t<T>* weights, int64_t k, int64_t H, int64_t r0, int64_t r1,
+                                       T* out) {
+  using acc = kernels::acc_t<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t t = tokens[r];
+    const int64_t j = t >= 0 ? kernels::slot_of_row(rows + t * k, k, r) : -1;
+    T* dst = out + r * H;
+    if (j < 0) {
+      for (int64_t h = 0; h < H; ++h) dst[h] = T(0);
+      continue;
+    }
+    const acc weight = weights[t * k + j];
+    const T* g = grad + t * H;
+    MOE_EXT_IVDEP
+    for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<T>(weight * static_cast<acc>(g[h]));
+  }
+}
+
+// grad_weights[t, j] = <grad[t], y[row_of[t, j]]>, 0 for dropped assignments.
+template <typename T>
+MOE_EXT_ALWAYS_INLINE void row_dots(const T* grad, const T* y, const int64_t* rows, int64_t k, int64_t H, int64_t t0,
+                                    int64_t t1, kernels::acc_t<T>* out) {
+  using acc = kernels::acc_t<T>;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t r = rows[t * k + j];
+      out[t * k + j] = r >= 0 ? kernels::dot_row<T, acc>(grad + t * H, y + r * H, H) : acc(0);
+    }
+  }
+}
+
+#define MOE_EXT_PERMUTE_ROWS(T, name)                                                                                \
+  MOE_EXT_CPU_CLONES __attribute__((flatten)) void weighted_row_sums_##name(                                         \
+      const T* src, const int64_t* rows, const kernels::acc_t<T>* weights, int64_t k, int64_t H, int64_t t0,         \
+      int64_t t1, kernels::acc_t<T>* sum, T* out) {                                                                  \
+    weighted_row_sums<T>(src, rows, weights, k, H, t0, t1, sum, out);                                                \
+  }                                                                                                                  \
+  MOE_EXT_CPU_CLONES __attribute__((flatten)) void scaled_rows_##name(                                               \
+      const T* grad, const int64_t* tokens, const int64_t* rows, const kernels::acc_t<T>* weights, int64_t k,        \
+      int64_t H, int64_t r0, int64_t r1, T* out) {                                                                   \
+    scaled_rows<T>(grad, tokens, rows, weights, k, H, r0, r1, out);                                                  \
+  }                                                                                                                  \
+  MOE_EXT_CPU_CLONES __attribute__((flatten)) void row_dots_##name(const T* grad, const T* y, const int64_t* rows,   \
+                                                                   int64_t k, int64_t H, int64_t t0, int64_t t1,     \
+                                                                   kernels::acc_t<T>* out) {                         \
+    row_dots<T>(grad, y, rows, k, H, t0, t1, out);                                                                   \
+  }                                                                                                                  \
+  void call_weighted_row_sums(const T* src, const int64_t* rows, const kernels::acc_t<T>* weights, int64_t k,        \
+                              int64_t H, int64_t t0, int64_t t1, kernels::acc_t<T>* sum, T* out) {                   \
+    weighted_row_sums_##name(src, rows, weights, k, H, t0, t1, sum, out);                                            \
+  }                                                                                                                  \
+  void call_scaled_rows(const T* grad, const int64_t* tokens, const int64_t* rows, const kernels::acc_t<T>* weights, \
+                        int64_t k, int64_t H, int64_t r0, int64_t r1, T* out) {                                      \
+    scaled_rows_##name(grad, tokens, rows, weights, k, H, r0, r1, out);                                              \
+  }                                                                                                                  \
+  void call_row_dots(const T* grad, const T* y, const int64_t* rows, int64_t k, int64_t H, int64_t t0, int64_t t1,   \
+                     kernels::acc_t<T>* out) {                                                                       \
+    row_dots_##name(grad, y, rows, k, H, t0, t1, out);                                                               \
+  }
+
+MOE_EXT_PERMUTE_ROWS(float, float)
+MOE_EXT_PERMUTE_ROWS(double, double)
+MOE_EXT_PERMUTE_ROWS(c10::BFloat16, bfloat16)
+MOE_EXT_PERMUTE_ROWS(c10::Half, half)
+#undef MOE_EXT_PERMUTE_ROWS
 
 const char* plan_error_text(PlanError error) {
   switch (error) {
@@ -104,19 +191,12 @@ at::Tensor dispatch_backward_cpu(const at::Tensor& grad_in, const at::Tensor& to
   at::Tensor grad_x = cpu::empty_output({T, H}, grad.options());
   const int64_t* rows = row_of.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "dispatch_backward_cpu", [&] {
-    using acc = at::opmath_type<scalar_t>;
+    using acc = kernels::acc_t<scalar_t>;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* out = grad_x.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, T, row_grain(H * k), [&](int64_t t0, int64_t t1) {
       std::vector<acc> sum(H);
-      for (int64_t t = t0; t < t1; ++t) {
-        std::fill(sum.begin(), sum.end(), acc(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t r = rows[t * k + j];
-          if (r >= 0) kernels::axpy_row(acc(1), g + r * H, H, sum.data());
-        }
-        for (int64_t h = 0; h < H; ++h) out[t * H + h] = static_cast<scalar_t>(sum[h]);
-      }
+      call_weighted_row_sums(g, rows, static_cast<const acc*>(nullptr), k, H, t0, t1, sum.data(), out);
     });
   });
   return grad_x;
@@ -131,21 +211,14 @@ at::Tensor combine_cpu(const at::Tensor& y_in, const at::Tensor& weights_in, con
   at::Tensor out = cpu::empty_output({T, H}, y.options());
   const int64_t* rows = row_of.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "combine_cpu", [&] {
-    using acc = at::opmath_type<scalar_t>;
+    using acc = kernels::acc_t<scalar_t>;
     const at::Tensor w = weights_in.to(c10::CppTypeToScalarType<acc>::value).contiguous();
     const acc* w_ptr = w.const_data_ptr<acc>();
     const scalar_t* src = y.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, T, row_grain(H * k), [&](int64_t t0, int64_t t1) {
       std::vector<acc> sum(H);
-      for (int64_t t = t0; t < t1; ++t) {
-        std::fill(sum.begin(), sum.end(), acc(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t r = rows[t * k + j];
-          if (r >= 0) kernels::axpy_row(w_ptr[t * k + j], src + r * H, H, sum.data());
-        }
-        for (int64_t h = 0; h < H; ++h) dst[t * H + h] = static_cast<scalar_t>(sum[h]);
-      }
+      call_weighted_row_sums(src, rows, w_ptr, k, H, t0, t1, sum.data(), dst);
     });
   });
   return out;
@@ -168,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_i
   const int64_t* rows = row_of.const_data_ptr<int64_t>();
   const int64_t* tokens = token_of.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "combine_backward_cpu", [&] {
-    using acc = at::opmath_type<scalar_t>;
+    using acc = kernels::acc_t<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc>::value;
     const at::Tensor w = weights_in.to(acc_dtype).contiguous();
     const acc* w_ptr = w.const_data_ptr<acc>();
@@ -176,30 +249,12 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_i
     const scalar_t* src = y.const_data_ptr<scalar_t>();
     scalar_t* gy = grad_y_sorted.mutable_data_ptr<scalar_t>();
     // Each row is written by the one (t, j) that owns it: no accumulation races.
-    at::parallel_for(0, N, row_grain(H), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t t = tokens[r];
-        const int64_t j = t >= 0 ? kernels::slot_of_row(rows + t * k, k, r) : -1;
-        scalar_t* out = gy + r * H;
-        if (j < 0) {
-          for (int64_t h = 0; h < H; ++h) out[h] = scalar_t(0);
-          continue;
-        }
-        const acc weight = w_ptr[t * k + j];
-        const scalar_t* gt = g + t * H;
-        for (int64_t h = 0; h < H; ++h) out[h] = static_cast<scalar_t>(weight * static_cast<acc>(gt[h]));
-      }
-    });
+    at::parallel_for(0, N, row_grain(H),
+                     [&](int64_t r0, int64_t r1) { call_scaled_rows(g, tokens, rows, w_ptr, k, H, r0, r1, gy); });
     at::Tensor gw = at::empty({T, k}, w.options());
     acc* gw_ptr = gw.mutable_data_ptr<acc>();
-    at::parallel_for(0, T, row_grain(H * k), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t r = rows[t * k + j];
-          gw_ptr[t * k + j] = r >= 0 ? kernels::dot_row<scalar_t, acc>(g + t * H, src + r * H, H) : acc(0);
-        }
-      }
-    });
+    at::parallel_for(0, T, row_grain(H * k),
+                     [&](int64_t t0, int64_t t1) { call_row_dots(g, src, rows, k, H, t0, t1, gw_ptr); });
     grad_weights = gw.to(weights_in.scalar_type());
   });
   return {grad_y_sorted, grad_weights};

@@ -79,8 +79,8 @@ MOE_INLINE bool outranks(acc value_a, int64_t a, acc value_b, int64_t b) {
 }
 
 // Top-k selection of one token. `select` [E] holds the selection values
-// (score + bias) and is consumed: non-candidates are set to -inf, the chosen
-// are marked -inf as they are taken. `group_buf` [n_group] is scratch.
+// (score + bias) and is overwritten: non-candidates are set to -inf.
+// `group_buf` [n_group] is scratch.
 template <typename acc>
 MOE_INLINE GateStatus token_select(acc* select, const bool* enabled, const GatingConfig& cfg, acc* group_buf,
                                    int64_t* indices) {
@@ -121,17 +121,22 @@ MOE_INLINE GateStatus token_select(acc* select, const bool* enabled, const Gatin
       for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) select[e] = ninf;
     }
   }
-  for (int64_t j = 0; j < cfg.k; ++j) {
-    int64_t best = -1;
-    for (int64_t e = 0; e < E; ++e) {
-      if (!(select[e] > ninf)) continue;
-      if (best < 0 || outranks(select[e], e, select[best], best)) best = e;
-    }
-    if (best < 0) return GateStatus::kTooFewExperts;
-    indices[j] = best;
-    select[best] = ninf;
+  // One pass keeping indices[0..found) ranked: O(E) compares plus the rare insertions, instead of
+  // k passes over E. Experts come in ascending index, so a newcomer outranks a listed expert only
+  // by a strictly larger value (ties keep the lower index first, as `outranks` orders them).
+  const int64_t k = cfg.k;
+  if (k <= 0) return GateStatus::kOk;
+  int64_t found = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const acc v = select[e];
+    if (!(v > ninf)) continue;
+    if (found == k && !(v > select[indices[k - 1]])) continue;
+    int64_t pos = found < k ? found : k - 1;
+    for (; pos > 0 && v > select[indices[pos - 1]]; --pos) indices[pos] = indices[pos - 1];
+    indices[pos] = e;
+    if (found < k) ++found;
   }
-  return GateStatus::kOk;
+  return found == k ? GateStatus::kOk : GateStatus::kTooFewExperts;
 }
 
 // Routing weights of one token from its scores and chosen experts.

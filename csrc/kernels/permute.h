@@ -22,11 +22,23 @@ MOE_INLINE void axpy_row(acc weight, const T* row, int64_t hidden, acc* out) {
   for (int64_t h = 0; h < hidden; ++h) out[h] += weight * static_cast<acc>(row[h]);
 }
 
-// sum_h a[h] * b[h], accumulated in acc.
+// Partial sums of dot_row: enough independent lanes to fill a 512-bit vector of floats.
+constexpr int kDotLanes = 16;
+
+// sum_h a[h] * b[h], accumulated in acc, in a fixed order that vectorizes: lane l sums the products
+// at h = l, l + 16, l + 32, ... of the whole 16-element blocks, the lanes are added in order 0..15,
+// then the products of the tail (hidden % 16 elements) in order. The same on every machine, thread
+// count and call; not the left-to-right order of a plain loop.
 template <typename T, typename acc>
 MOE_INLINE acc dot_row(const T* a, const T* b, int64_t hidden) {
+  acc lane[kDotLanes] = {};
+  int64_t h = 0;
+  for (; h + kDotLanes <= hidden; h += kDotLanes) {
+    for (int l = 0; l < kDotLanes; ++l) lane[l] += static_cast<acc>(a[h + l]) * static_cast<acc>(b[h + l]);
+  }
   acc total = 0;
-  for (int64_t h = 0; h < hidden; ++h) total += static_cast<acc>(a[h]) * static_cast<acc>(b[h]);
+  for (int l = 0; l < kDotLanes; ++l) total += lane[l];
+  for (; h < hidden; ++h) total += static_cast<acc>(a[h]) * static_cast<acc>(b[h]);
   return total;
 }
 

@@ -27,7 +27,7 @@ GatingConfig config(int64_t num_experts, int64_t k, ScoreFunc func = ScoreFunc::
   return GatingConfig{num_experts, k, func, normalize, scale, n_group, topk_group};
 }
 
-// Selection of the top k of `values` through token_select, on a copy (token_select consumes its input).
+// Selection of the top k of `values` through token_select, on a copy (token_select overwrites its input).
 std::vector<int64_t> select_topk(std::vector<double> values, const GatingConfig& cfg, const bool* enabled = nullptr,
                                  GateStatus expected = GateStatus::kOk) {
   std::vector<double> groups(static_cast<size_t>(cfg.n_group));
@@ -485,6 +485,26 @@ TEST(Permute, DotRow) {
   const std::vector<float> b = {0.5f, -1.0f, 2.0f, 0.25f};
   EXPECT_DOUBLE_EQ((dot_row<float, double>(a.data(), b.data(), 4)), 0.5 - 2.0 + 6.0 + 1.0);
   EXPECT_EQ((dot_row<float, double>(a.data(), b.data(), 0)), 0.0);
+}
+
+TEST(Permute, DotRowSumsSixteenLanesThenTheTail) {
+  // 37 = two whole 16-element blocks and a tail of 5: the order is documented, so check it exactly.
+  std::vector<float> a(37), b(37);
+  for (int h = 0; h < 37; ++h) {
+    a[h] = 1.0f + 0.37f * static_cast<float>(h % 7) - 1e-3f * static_cast<float>(h);
+    b[h] = 0.5f - 0.11f * static_cast<float>(h % 5) + 3e-4f * static_cast<float>(h * h);
+  }
+  float lane[kDotLanes] = {};
+  for (int h = 0; h < 32; ++h) lane[h % kDotLanes] += a[h] * b[h];
+  float want = 0.0f;
+  for (float v : lane) want += v;
+  for (int h = 32; h < 37; ++h) want += a[h] * b[h];
+  EXPECT_EQ((dot_row<float, float>(a.data(), b.data(), 37)), want);
+  double exact = 0.0;
+  for (int h = 0; h < 37; ++h) exact += static_cast<double>(a[h]) * static_cast<double>(b[h]);
+  EXPECT_NEAR((dot_row<float, double>(a.data(), b.data(), 37)), exact, 1e-12 * std::abs(exact) + 1e-12);
+  // fewer elements than one block: the tail alone, left to right
+  EXPECT_EQ((dot_row<float, float>(a.data(), b.data(), 3)), (a[0] * b[0] + a[1] * b[1]) + a[2] * b[2]);
 }
 
 TEST(Permute, CopyRowAndZeroRow) {
