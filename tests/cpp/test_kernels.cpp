@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -148,14 +149,45 @@ TEST(TokenSelect, TiesGoToTheLowerIndex) {
   EXPECT_EQ(select_topk({0.1, 0.3, 0.3, 0.3}, config(4, 4)), (std::vector<int64_t>{1, 2, 3, 0}));
 }
 
-TEST(TokenSelect, ConsumesItsInput) {
-  std::vector<double> values = {0.4, 0.6, 0.2};
-  std::vector<int64_t> indices(2);
-  std::vector<double> groups(1);
-  ASSERT_EQ(token_select(values.data(), nullptr, config(3, 2), groups.data(), indices.data()), GateStatus::kOk);
-  EXPECT_EQ(values[0], -kInf);
-  EXPECT_EQ(values[1], -kInf);
-  EXPECT_EQ(values[2], 0.2);
+TEST(TokenSelect, MatchesKPassesOfOutranksOnRandomTiedInputs) {
+  // token_select ranks in one pass; the definition is k passes, each taking the candidate that
+  // outranks all others left (larger value, ties to the lower index). Values come from a set of 5
+  // (ties everywhere), -inf marks non-candidates, and some experts are disabled.
+  std::mt19937 rng(12345);
+  const double levels[] = {-kInf, -1.0, 0.0, 0.25, 0.25, 2.0};
+  int too_few = 0;
+  for (int trial = 0; trial < 5000; ++trial) {
+    const int64_t E = 1 + static_cast<int64_t>(rng() % 40);
+    const int64_t k = 1 + static_cast<int64_t>(rng() % static_cast<uint32_t>(E));
+    std::vector<double> values(static_cast<size_t>(E));
+    std::unique_ptr<bool[]> enabled(new bool[static_cast<size_t>(E)]);
+    for (int64_t e = 0; e < E; ++e) {
+      values[e] = levels[rng() % 6];
+      enabled[e] = rng() % 8 != 0;
+    }
+    std::vector<double> left = values;
+    for (int64_t e = 0; e < E; ++e) {
+      if (!enabled[e]) left[e] = -kInf;
+    }
+    std::vector<int64_t> want;
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e) {
+        if (left[e] > -kInf && (best < 0 || outranks(left[e], e, left[best], best))) best = e;
+      }
+      if (best < 0) break;
+      want.push_back(best);
+      left[best] = -kInf;
+    }
+    const bool enough = static_cast<int64_t>(want.size()) == k;
+    too_few += enough ? 0 : 1;
+    const auto got =
+        select_topk(values, config(E, k), enabled.get(), enough ? GateStatus::kOk : GateStatus::kTooFewExperts);
+    if (enough) {
+      ASSERT_EQ(got, want) << "trial " << trial << " E = " << E << " k = " << k;
+    }
+  }
+  EXPECT_GT(too_few, 100);  // both outcomes were exercised
 }
 
 TEST(TokenSelect, DisabledExpertsAreNeverChosen) {
