@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -19,6 +20,18 @@ using kernels::PlanError;
 
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, hidden)); }
 
+// The k rows a token will gather next are scattered over the expert-sorted buffer: ask for them one
+// token ahead, so their cache lines are in flight while this token's rows are summed.
+template <typename T>
+MOE_EXT_ALWAYS_INLINE void prefetch_rows(const T* src, const int64_t* rows, int64_t k, int64_t H) {
+  constexpr int64_t kLine = 64;
+  for (int64_t j = 0; j < k; ++j) {
+    if (rows[j] < 0) continue;
+    const char* row = reinterpret_cast<const char*>(src + rows[j] * H);
+    for (int64_t b = 0; b < H * static_cast<int64_t>(sizeof(T)); b += kLine) __builtin_prefetch(row + b);
+  }
+}
+
 // Row loops of combine and of the backward of dispatch and combine, compiled per ISA (MOE_EXT_CPU_CLONES);
 // the per-element math is kernels::axpy_row / dot_row. `weights` null means weight 1.
 template <typename T>
@@ -27,6 +40,7 @@ MOE_EXT_ALWAYS_INLINE void weighted_row_sums(const T* src, const int64_t* rows, 
                                              T* out) {
   using acc = kernels::acc_t<T>;
   for (int64_t t = t0; t < t1; ++t) {
+    if (t + 1 < t1) prefetch_rows(src, rows + (t + 1) * k, k, H);
     for (int64_t h = 0; h < H; ++h) sum[h] = acc(0);
     for (int64_t j = 0; j < k; ++j) {
       const int64_t r = rows[t * k + j];
@@ -59,15 +73,34 @@ MOE_EXT_ALWAYS_INLINE void scaled_rows(const T* grad, const int64_t* tokens, con
   }
 }
 
-// grad_weights[t, j] = <grad[t], y[row_of[t, j]]>, 0 for dropped assignments.
+// grad_weights[t, j] = <grad[t], y[row_of[t, j]]>, 0 for dropped assignments. Narrow types are widened
+// into `scratch` [2H] first: the compiler vectorizes the conversion loops and the float dot, not a dot
+// that converts as it goes.
 template <typename T>
 MOE_EXT_ALWAYS_INLINE void row_dots(const T* grad, const T* y, const int64_t* rows, int64_t k, int64_t H, int64_t t0,
-                                    int64_t t1, kernels::acc_t<T>* out) {
+                                    int64_t t1, kernels::acc_t<T>* scratch, kernels::acc_t<T>* out) {
   using acc = kernels::acc_t<T>;
+  acc* g_wide = scratch;
+  acc* y_wide = scratch + H;
   for (int64_t t = t0; t < t1; ++t) {
+    if (t + 1 < t1) prefetch_rows(y, rows + (t + 1) * k, k, H);
+    const T* g = grad + t * H;
+    if constexpr (!std::is_same_v<T, acc>) {
+      MOE_EXT_IVDEP
+      for (int64_t h = 0; h < H; ++h) g_wide[h] = static_cast<acc>(g[h]);
+    }
     for (int64_t j = 0; j < k; ++j) {
       const int64_t r = rows[t * k + j];
-      out[t * k + j] = r >= 0 ? kernels::dot_row<T, acc>(grad + t * H, y + r * H, H) : acc(0);
+      if (r < 0) {
+        out[t * k + j] = acc(0);
+      } else if constexpr (std::is_same_v<T, acc>) {
+        out[t * k + j] = kernels::dot_row<acc, acc>(g, y + r * H, H);
+      } else {
+        const T* yr = y + r * H;
+        MOE_EXT_IVDEP
+        for (int64_t h = 0; h < H; ++h) y_wide[h] = static_cast<acc>(yr[h]);
+        out[t * k + j] = kernels::dot_row<acc, acc>(g_wide, y_wide, H);
+      }
     }
   }
 }
@@ -83,10 +116,10 @@ MOE_EXT_ALWAYS_INLINE void row_dots(const T* grad, const T* y, const int64_t* ro
       int64_t H, int64_t r0, int64_t r1, T* out) {                                                                   \
     scaled_rows<T>(grad, tokens, rows, weights, k, H, r0, r1, out);                                                  \
   }                                                                                                                  \
-  MOE_EXT_CPU_CLONES __attribute__((flatten)) void row_dots_##name(const T* grad, const T* y, const int64_t* rows,   \
-                                                                   int64_t k, int64_t H, int64_t t0, int64_t t1,     \
-                                                                   kernels::acc_t<T>* out) {                         \
-    row_dots<T>(grad, y, rows, k, H, t0, t1, out);                                                                   \
+  MOE_EXT_CPU_CLONES __attribute__((flatten)) void row_dots_##name(                                                  \
+      const T* grad, const T* y, const int64_t* rows, int64_t k, int64_t H, int64_t t0, int64_t t1,                  \
+      kernels::acc_t<T>* scratch, kernels::acc_t<T>* out) {                                                          \
+    row_dots<T>(grad, y, rows, k, H, t0, t1, scratch, out);                                                          \
   }                                                                                                                  \
   void call_weighted_row_sums(const T* src, const int64_t* rows, const kernels::acc_t<T>* weights, int64_t k,        \
                               int64_t H, int64_t t0, int64_t t1, kernels::acc_t<T>* sum, T* out) {                   \
@@ -97,8 +130,8 @@ MOE_EXT_ALWAYS_INLINE void row_dots(const T* grad, const T* y, const int64_t* ro
     scaled_rows_##name(grad, tokens, rows, weights, k, H, r0, r1, out);                                              \
   }                                                                                                                  \
   void call_row_dots(const T* grad, const T* y, const int64_t* rows, int64_t k, int64_t H, int64_t t0, int64_t t1,   \
-                     kernels::acc_t<T>* out) {                                                                       \
-    row_dots_##name(grad, y, rows, k, H, t0, t1, out);                                                               \
+                     kernels::acc_t<T>* scratch, kernels::acc_t<T>* out) {                                           \
+    row_dots_##name(grad, y, rows, k, H, t0, t1, scratch, out);                                                      \
   }
 
 MOE_EXT_PERMUTE_ROWS(float, float)
@@ -253,8 +286,10 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_i
                      [&](int64_t r0, int64_t r1) { call_scaled_rows(g, tokens, rows, w_ptr, k, H, r0, r1, gy); });
     at::Tensor gw = at::empty({T, k}, w.options());
     acc* gw_ptr = gw.mutable_data_ptr<acc>();
-    at::parallel_for(0, T, row_grain(H * k),
-                     [&](int64_t t0, int64_t t1) { call_row_dots(g, src, rows, k, H, t0, t1, gw_ptr); });
+    at::parallel_for(0, T, row_grain(H * k), [&](int64_t t0, int64_t t1) {
+      std::vector<acc> scratch(2 * H);
+      call_row_dots(g, src, rows, k, H, t0, t1, scratch.data(), gw_ptr);
+    });
     grad_weights = gw.to(weights_in.scalar_type());
   });
   return {grad_y_sorted, grad_weights};
