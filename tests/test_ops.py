@@ -864,6 +864,31 @@ def test_grouped_mm_experts_without_rows(dtype):
         assert (w.grad[e] == 0).all(), f"expert {e} has no rows but got a gradient"
 
 
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_grouped_mm_small_and_large_expert_blocks(dtype):
+    """CPU grouped_mm computes experts of <= 16 rows with its own streaming kernel and larger
+    ones with BLAS: row counts on both sides of that line (0, 1, 15, 16, 17, 40), more output
+    columns than one pass of the small kernel (600 = 2 x 256 + 88) and more than one tile (1100)."""
+    g = make_generator("gmm-small-rows", dtype)
+    counts = [1, 0, 15, 16, 17, 40, 3]
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    for width in (600, 1100):
+        x = _rand((sum(counts), 48), g, dtype, requires_grad=True)
+        w = _rand((len(counts), 48, width), g, dtype, 1 / math.sqrt(48), requires_grad=True)
+        named = {"x_sorted": x, "w": w, "offsets": offsets}
+        check_grouped_mm(Sample("grouped_mm", named, f"rows {counts} out {width}"))
+        # thread count does not change a bit, on either path
+        with torch.no_grad():
+            two = ops.grouped_mm(x, w, offsets)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                one = ops.grouped_mm(x, w, offsets)
+            finally:
+                torch.set_num_threads(threads)
+        assert_bitwise_equal(one, two, f"1 vs {threads} threads")
+
+
 @pytest.mark.parametrize("mode", PERMUTE_MODES)
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("T,E,k", SHAPES, ids=SHAPE_IDS)
