@@ -20,15 +20,19 @@ using kernels::PlanError;
 
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, hidden)); }
 
-// The k rows a token will gather next are scattered over the expert-sorted buffer: ask for them one
-// token ahead, so their cache lines are in flight while this token's rows are summed.
+// The k rows a token will gather are scattered over the expert-sorted buffer: ask for them a few
+// tokens ahead (into L2), so their cache lines are in flight while earlier tokens are summed.
+// Of 1, 2 and 4 tokens ahead, 4 measured best in bench_ops (2 was as good in float32).
+constexpr int64_t kPrefetchTokens = 4;
+
 template <typename T>
 MOE_EXT_ALWAYS_INLINE void prefetch_rows(const T* src, const int64_t* rows, int64_t k, int64_t H) {
   constexpr int64_t kLine = 64;
   for (int64_t j = 0; j < k; ++j) {
     if (rows[j] < 0) continue;
     const char* row = reinterpret_cast<const char*>(src + rows[j] * H);
-    for (int64_t b = 0; b < H * static_cast<int64_t>(sizeof(T)); b += kLine) __builtin_prefetch(row + b);
+    for (int64_t b = 0; b < H * static_cast<int64_t>(sizeof(T)); b += kLine)
+      __builtin_prefetch(row + b, 0, 2);  // read, keep in L2
   }
 }
 
@@ -40,12 +44,32 @@ MOE_EXT_ALWAYS_INLINE void weighted_row_sums(const T* src, const int64_t* rows, 
                                              T* out) {
   using acc = kernels::acc_t<T>;
   for (int64_t t = t0; t < t1; ++t) {
-    if (t + 1 < t1) prefetch_rows(src, rows + (t + 1) * k, k, H);
+    if (t + kPrefetchTokens < t1) prefetch_rows(src, rows + (t + kPrefetchTokens) * k, k, H);
     for (int64_t h = 0; h < H; ++h) sum[h] = acc(0);
+    // Rows are added two at a time (one load and store of `sum` per pair); the additions
+    // happen in the same order as with one axpy_row per row.
+    const T* pending = nullptr;
+    acc pending_weight = acc(0);
     for (int64_t j = 0; j < k; ++j) {
       const int64_t r = rows[t * k + j];
-      if (r >= 0) kernels::axpy_row(weights == nullptr ? acc(1) : weights[t * k + j], src + r * H, H, sum);
+      if (r < 0) continue;
+      const acc weight = weights == nullptr ? acc(1) : weights[t * k + j];
+      const T* row = src + r * H;
+      if (pending == nullptr) {
+        pending = row;
+        pending_weight = weight;
+        continue;
+      }
+      MOE_EXT_IVDEP
+      for (int64_t h = 0; h < H; ++h) {
+        acc v = sum[h];
+        v += pending_weight * static_cast<acc>(pending[h]);
+        v += weight * static_cast<acc>(row[h]);
+        sum[h] = v;
+      }
+      pending = nullptr;
     }
+    if (pending != nullptr) kernels::axpy_row(pending_weight, pending, H, sum);
     T* dst = out + t * H;
     MOE_EXT_IVDEP
     for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<T>(sum[h]);
@@ -83,7 +107,7 @@ MOE_EXT_ALWAYS_INLINE void row_dots(const T* grad, const T* y, const int64_t* ro
   acc* g_wide = scratch;
   acc* y_wide = scratch + H;
   for (int64_t t = t0; t < t1; ++t) {
-    if (t + 1 < t1) prefetch_rows(y, rows + (t + 1) * k, k, H);
+    if (t + kPrefetchTokens < t1) prefetch_rows(y, rows + (t + kPrefetchTokens) * k, k, H);
     const T* g = grad + t * H;
     if constexpr (!std::is_same_v<T, acc>) {
       MOE_EXT_IVDEP
