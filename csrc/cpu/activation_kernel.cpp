@@ -71,10 +71,7 @@ MOE_EXT_ALWAYS_INLINE void swiglu_backward_rows(const scalar_t* h, const scalar_
     swiglu_backward_rows_##name(h, grad, grad_h, r0, r1, F);                                                        \
   }
 
-MOE_EXT_SWIGLU_ROWS(float, float)
-MOE_EXT_SWIGLU_ROWS(double, double)
-MOE_EXT_SWIGLU_ROWS(c10::BFloat16, bfloat16)
-MOE_EXT_SWIGLU_ROWS(c10::Half, half)
+MOE_EXT_FOR_EACH_CPU_DTYPE(MOE_EXT_SWIGLU_ROWS)
 #undef MOE_EXT_SWIGLU_ROWS
 
 at::Tensor swiglu_cpu(const at::Tensor& h_in) {

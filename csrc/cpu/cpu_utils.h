@@ -26,6 +26,10 @@
 #define MOE_EXT_IVDEP
 #endif
 
+// Expands X(type, name) once per floating dtype of the CPU kernels: how each file instantiates its
+// per-ISA row-loop entry points.
+#define MOE_EXT_FOR_EACH_CPU_DTYPE(X) X(float, float) X(double, double) X(c10::BFloat16, bfloat16) X(c10::Half, half)
+
 namespace moe_ext {
 namespace cpu {
 

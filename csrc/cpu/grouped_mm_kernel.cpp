@@ -1,4 +1,4 @@
-// CPU kernels of grouped_mm and its backward: per-expert BLAS GEMMs on fixed tiles run in parallel.
+// CPU kernels of grouped_mm and its backward: per-expert GEMMs on fixed tiles run in parallel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -134,10 +134,7 @@ MOE_EXT_ALWAYS_INLINE void small_rows_gemm(const T* x, int64_t x_stride, int64_t
     small_rows_gemm_##name(x, x_stride, M, K, w, w_stride, cols, y, y_stride);                                   \
   }
 
-MOE_EXT_SMALL_ROWS_GEMM(float, float)
-MOE_EXT_SMALL_ROWS_GEMM(double, double)
-MOE_EXT_SMALL_ROWS_GEMM(c10::BFloat16, bfloat16)
-MOE_EXT_SMALL_ROWS_GEMM(c10::Half, half)
+MOE_EXT_FOR_EACH_CPU_DTYPE(MOE_EXT_SMALL_ROWS_GEMM)
 #undef MOE_EXT_SMALL_ROWS_GEMM
 
 // Host copy of offsets, validated: 0 = offsets[0] <= ... <= offsets[E] = N.

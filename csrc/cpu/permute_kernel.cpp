@@ -158,10 +158,7 @@ MOE_EXT_ALWAYS_INLINE void row_dots(const T* grad, const T* y, const int64_t* ro
     row_dots_##name(grad, y, rows, k, H, t0, t1, scratch, out);                                                      \
   }
 
-MOE_EXT_PERMUTE_ROWS(float, float)
-MOE_EXT_PERMUTE_ROWS(double, double)
-MOE_EXT_PERMUTE_ROWS(c10::BFloat16, bfloat16)
-MOE_EXT_PERMUTE_ROWS(c10::Half, half)
+MOE_EXT_FOR_EACH_CPU_DTYPE(MOE_EXT_PERMUTE_ROWS)
 #undef MOE_EXT_PERMUTE_ROWS
 
 const char* plan_error_text(PlanError error) {
