@@ -163,6 +163,36 @@ inline void check_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at:
               w.sym_sizes());
 }
 
+// linear: x [T, in], weight [out, in] (nn.Linear's layout), bias [out]; one dtype and device.
+inline void check_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_floating(x, "x");
+  check_dim(x, 2, "x", "[T, in]");
+  check_floating(weight, "weight");
+  check_dim(weight, 2, "weight", "[out, in]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "moe_ext: weight dtype ", weight.scalar_type(),
+              " must match x dtype ", x.scalar_type());
+  check_same_device(weight, x, "weight", "x");
+  TORCH_CHECK(weight.sym_size(1) == x.sym_size(1),
+              "moe_ext: weight must have shape [out, in] with in = x.shape[1] = ", x.sym_size(1), ", got ",
+              weight.sym_sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "moe_ext: bias dtype ", bias->scalar_type(),
+                " must match x dtype ", x.scalar_type());
+    check_same_device(*bias, x, "bias", "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0), "moe_ext: bias must have shape [out] = [",
+                weight.sym_size(0), "], got ", bias->sym_sizes());
+  }
+}
+
+inline void check_linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight) {
+  check_linear(x, weight, std::nullopt);
+  check_floating(grad_y, "grad_y");
+  check_same_device(grad_y, x, "grad_y", "x");
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.sym_size(0) == x.sym_size(0) && grad_y.sym_size(1) == weight.sym_size(0),
+              "moe_ext: grad_y must have shape [T, out] = [", x.sym_size(0), ", ", weight.sym_size(0), "], got ",
+              grad_y.sym_sizes());
+}
+
 inline void check_load_balancing_loss(const at::Tensor& scores, const at::Tensor& indices, int64_t num_experts) {
   check_floating(scores, "scores");
   check_dim(scores, 2, "scores", "[T, E]");

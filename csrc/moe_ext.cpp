@@ -28,6 +28,10 @@ TORCH_LIBRARY(moe_ext, m) {
       "-> (Tensor grad_y_sorted, Tensor grad_weights)");
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets) -> Tensor");
   m.def("grouped_mm_backward(Tensor grad_y, Tensor x, Tensor w, Tensor offsets) -> (Tensor grad_x, Tensor grad_w)");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def(
+      "linear_backward(Tensor grad_y, Tensor x, Tensor weight, bool with_bias) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   m.def("load_balancing_loss(Tensor scores, Tensor indices, int num_experts) -> Tensor");
   m.def("load_balancing_loss_backward(Tensor grad, Tensor scores, Tensor indices, int num_experts) -> Tensor");
   m.def("router_z_loss(Tensor logits) -> Tensor");
@@ -68,6 +72,11 @@ MOE_EXT_OP_HANDLE(grouped_mm_op, "grouped_mm", at::Tensor(const at::Tensor&, con
 MOE_EXT_OP_HANDLE(grouped_mm_backward_op, "grouped_mm_backward",
                   std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&))
+MOE_EXT_OP_HANDLE(linear_op, "linear",
+                  at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&))
+MOE_EXT_OP_HANDLE(linear_backward_op, "linear_backward",
+                  std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, bool))
 MOE_EXT_OP_HANDLE(load_balancing_loss_op, "load_balancing_loss",
                   at::Tensor(const at::Tensor&, const at::Tensor&, int64_t))
 MOE_EXT_OP_HANDLE(load_balancing_loss_backward_op, "load_balancing_loss_backward",
@@ -116,6 +125,10 @@ at::Tensor combine(const at::Tensor& y_sorted, const at::Tensor& weights, const 
 
 at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
   return detail::grouped_mm_op().call(x, w, offsets);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return detail::linear_op().call(x, weight, bias);
 }
 
 at::Tensor load_balancing_loss(const at::Tensor& scores, const at::Tensor& indices, int64_t num_experts) {

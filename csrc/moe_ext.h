@@ -28,6 +28,9 @@ at::Tensor dispatch(const at::Tensor& x, const at::Tensor& token_of, const at::T
 at::Tensor combine(const at::Tensor& y_sorted, const at::Tensor& weights, const at::Tensor& row_of,
                    const at::Tensor& token_of);
 at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets);
+// x [T, in] @ weight[out, in]^T (+ bias [out]): nn.Linear's function, with its weight gradient reduced in
+// an order no thread count changes.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias = std::nullopt);
 at::Tensor load_balancing_loss(const at::Tensor& scores, const at::Tensor& indices, int64_t num_experts);
 at::Tensor router_z_loss(const at::Tensor& logits);
 // Fused SwiGLU: h [N, 2F] = [gate | up] -> silu(gate) * up [N, F].
@@ -54,6 +57,11 @@ const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, 
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                   const at::Tensor&, const at::Tensor&)>&
 grouped_mm_backward_op();
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>&
+linear_op();
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                              const at::Tensor&, bool)>&
+linear_backward_op();
 const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>& load_balancing_loss_op();
 const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>&
 load_balancing_loss_backward_op();

@@ -566,31 +566,39 @@ class MoE(nn.Module):
             expert_of_row = torch.repeat_interleave(
                 torch.arange(offsets.shape[0] - 1, device=offsets.device), offsets.diff(), output_size=h.shape[0]
             )
-            h = h + self.b_in[expert_of_row]
+            # index_select, not indexing: its backward (index_add_) sums rows in a fixed order, while
+            # indexing's (index_put_ with accumulate) gives other bits at another thread count.
+            h = h + self.b_in.index_select(0, expert_of_row)
         h = _activate(self.activation, h, self.swiglu_alpha, self.swiglu_limit)
         y = ops.grouped_mm(h, self.w_out, offsets)
         if expert_of_row is not None:
-            y = y + self.b_out[expert_of_row]
+            y = y + self.b_out.index_select(0, expert_of_row)
         return y
 
     def _router_logits(self, tokens: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(logits used for routing, clean logits, noise std); the last two only with noisy gating."""
-        router_input = tokens
-        weight, bias = self.router.weight, self.router.bias
-        if self.router_dtype is not None:
-            # "at least" router_dtype: an fp32 router upcasts bf16 but never downcasts a float64 layer.
-            dtype = torch.promote_types(self.router_dtype, router_input.dtype)
-            router_input, weight = router_input.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(self.router_dtype)
+        if self.router_dtype is None:
+            return self._router_logits_in(tokens, self.router.weight, self.router.bias)
+        # "at least" router_dtype: an fp32 router upcasts bf16 but never downcasts a float64 layer, and
+        # autocast does not take it back down (the point of Switch's fp32 router under bf16 training).
+        dtype = torch.promote_types(self.router_dtype, tokens.dtype)
+        bias = self.router.bias
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self._router_logits_in(
+                tokens.to(dtype), self.router.weight.to(dtype), None if bias is None else bias.to(dtype)
+            )
+
+    def _router_logits_in(self, router_input: Tensor, weight: Tensor, bias: Tensor | None):
+        # ops.linear, not F.linear: its weight gradient does not depend on the thread count (see ops.linear).
         if self.training and self.router_jitter > 0:
             noise = torch.empty_like(router_input).uniform_(
                 1.0 - self.router_jitter, 1.0 + self.router_jitter, generator=self.generator
             )
             router_input = router_input * noise
-        logits = F.linear(router_input, weight, bias)
+        logits = ops.linear(router_input, weight, bias)
         if self.noise is None:
             return logits, None, None
-        noise_std = F.softplus(F.linear(router_input, self.noise.weight.to(weight.dtype)))
+        noise_std = F.softplus(ops.linear(router_input, self.noise.weight.to(weight.dtype)))
         if not self.training:
             return logits, logits, noise_std
         sample = torch.randn(logits.shape, generator=self.generator, device=logits.device, dtype=logits.dtype)
@@ -660,7 +668,7 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)
             if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+                shared = torch.sigmoid(ops.linear(tokens, self.shared_expert_gate.weight)) * shared
             y = y + shared
 
         aux = self._aux_loss(logits, scores, indices, weights, clean_logits, noise_std, shape[:-1])
@@ -744,7 +752,8 @@ class _DenseFFN(nn.Module):
         self.w_out.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_out(_activate(self.activation, self.w_in(x), self.swiglu_alpha, self.swiglu_limit))
+        h = _activate(self.activation, ops.linear(x, self.w_in.weight), self.swiglu_alpha, self.swiglu_limit)
+        return ops.linear(h, self.w_out.weight)
 
 
 def _load_expert_shard(module: MoE, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
@@ -784,6 +793,15 @@ class _Restriction:
         self.layer.clear_restriction()
 
 
+def _fixed_order_mean(values: Tensor, block: int = 4096) -> Tensor:
+    """Mean of a 1-D tensor, summed in an order no thread count changes: ATen's reduction of a whole
+    tensor of 32768 elements or more splits it between threads (one partial sum per thread); the sum of
+    each fixed block of rows and then of the block sums does not."""
+    n = values.shape[0]
+    blocks = F.pad(values, (0, (-n) % block)).reshape(-1, block)
+    return blocks.sum(1).sum() / n
+
+
 @torch.no_grad()
 def _routing_stats(counts: Tensor, kept: Tensor | None, scores: Tensor) -> RoutingStats:
     kept = counts if kept is None else kept
@@ -794,7 +812,7 @@ def _routing_stats(counts: Tensor, kept: Tensor | None, scores: Tensor) -> Routi
     cv = torch.where(mean > 0, load.std(correction=0) / safe_mean, torch.zeros_like(mean))
     if scores.shape[0] > 0:
         p = scores / scores.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
-        entropy = torch.special.entr(p).sum(dim=-1).mean()
+        entropy = _fixed_order_mean(torch.special.entr(p).sum(dim=-1))
     else:
         entropy = scores.new_zeros(())
     return RoutingStats(counts, kept, counts.sum() - kept.sum(), imbalance, cv, entropy)

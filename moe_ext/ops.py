@@ -18,6 +18,7 @@ __all__ = [
     "expert_choice_plan",
     "dispatch",
     "grouped_mm",
+    "linear",
     "combine",
     "load_balancing_loss",
     "router_z_loss",
@@ -139,6 +140,26 @@ def grouped_mm(x_sorted: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     _require_tensor(w, "w")
     _require_tensor(offsets, "offsets")
     return torch.ops.moe_ext.grouped_mm(x_sorted, w, offsets)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., in] @ weight[out, in]^T (+ bias [out]) -> [..., out]: ``torch.nn.functional.linear``.
+
+    The gradients are bitwise the same at every thread count: the weight gradient reduces over all
+    tokens in fixed tiles, each one GEMM on one thread, and the bias gradient sums fixed blocks of
+    rows in order. (torch's own CPU GEMM, MKL on Intel CPUs, splits that reduction between threads.)
+    x, weight and bias share one dtype; under ``torch.autocast`` all three run in the autocast dtype.
+    """
+    _require_tensor(x, "x")
+    _require_tensor(weight, "weight")
+    if bias is not None:
+        _require_tensor(bias, "bias")
+    if x.dim() == 2:
+        return torch.ops.moe_ext.linear(x, weight, bias)
+    if x.dim() == 0:
+        raise ValueError("moe_ext: x must have shape [..., in], got a 0-d tensor")
+    y = torch.ops.moe_ext.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def combine(y_sorted: Tensor, weights: Tensor, plan: RoutingPlan) -> Tensor:

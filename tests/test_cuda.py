@@ -306,6 +306,36 @@ def test_swiglu_gradcheck_and_opcheck_cuda():
     torch.library.opcheck(torch.ops.moe_ext.swiglu_backward.default, (grad, h.detach()))
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,in_cols,out_cols", [(0, 4, 3), (1, 1, 1), (33, 64, 8), (300, 257, 131)])
+def test_linear_matches_cpu(rows, in_cols, out_cols, dtype, bias):
+    g = make_generator(11)
+    x = torch.randn(rows, in_cols, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(out_cols, in_cols, generator=g, dtype=torch.float64) / max(1, in_cols) ** 0.5).to(dtype)
+    b = torch.randn(out_cols, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    grad = torch.randn(rows, out_cols, generator=g, dtype=torch.float64).to(dtype)
+    on_gpu = [None if t is None else t.to(DEV) for t in (x, w, b, grad)]
+    # sums over in (y), out (d x) and all rows (d weight, d bias) in another order: tolerance grows with length
+    rtol, atol = CLOSE[dtype]["rtol"], CLOSE[dtype]["atol"] * max(rows, in_cols, out_cols, 1) ** 0.5
+    names = ("y", "d x", "d weight", "d bias")
+    want = (ops.linear(x, w, b), *torch.ops.moe_ext.linear_backward(grad, x, w, bias))
+    got = (ops.linear(*on_gpu[:3]), *torch.ops.moe_ext.linear_backward(on_gpu[3], on_gpu[0], on_gpu[1], bias))
+    for name, gpu_value, cpu_value in zip(names, got, want, strict=True):
+        assert gpu_value.device.type == DEV and gpu_value.dtype == cpu_value.dtype, name
+        torch.testing.assert_close(gpu_value.cpu().double(), cpu_value.double(), rtol=rtol, atol=atol, msg=name)
+
+
+def test_linear_gradcheck_and_opcheck_cuda():
+    x = torch.randn(6, 5, dtype=torch.float64, device=DEV, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, device=DEV, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=DEV, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.linear, (x, w, b), eps=1e-6, atol=1e-8, rtol=1e-6)
+    torch.library.opcheck(torch.ops.moe_ext.linear.default, (x, w, b))
+    grad = torch.randn(6, 3, dtype=torch.float64, device=DEV)
+    torch.library.opcheck(torch.ops.moe_ext.linear_backward.default, (grad, x.detach(), w.detach(), True))
+
+
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("variant", ["default", "bias", "mask", "deepseek"])
 def test_topk_gating_gradcheck_cuda(score_func, variant):

@@ -1,92 +1,23 @@
-// CPU kernels of grouped_mm and its backward: per-expert GEMMs on fixed tiles run in parallel.
+// CPU kernels of grouped_mm and its backward: per-expert GEMMs on fixed tiles run in parallel (gemm_tiles.h).
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <functional>
-#include <utility>
 #include <vector>
 
 #include "../checks.h"
 #include "../kernels/common.h"
 #include "cpu_utils.h"
+#include "gemm_tiles.h"
 #include "output_cache.h"
 
 namespace moe_ext {
 namespace {
 
-// Output tile of one task. Tiles are fixed by the shapes, never by the thread
-// count, and each tile's GEMM runs on one thread, so every output element is
-// reduced in the same order whatever the number of threads: bitwise
-// deterministic results. Large tiles keep BLAS at full speed; many tiles keep
-// both cores busy when experts are small.
-constexpr int64_t kTileRows = 256;
-constexpr int64_t kTileCols = 1024;
-
-struct Tile {
-  int64_t expert, row0, rows, col0, cols;
-};
-
-std::vector<Tile> make_tiles(const std::vector<int64_t>& row_begin, const std::vector<int64_t>& row_count,
-                             int64_t cols) {
-  std::vector<Tile> tiles;
-  for (size_t e = 0; e < row_count.size(); ++e) {
-    for (int64_t r = 0; r < row_count[e]; r += kTileRows) {
-      for (int64_t c = 0; c < cols; c += kTileCols) {
-        tiles.push_back({static_cast<int64_t>(e), row_begin[e] + r, std::min(kTileRows, row_count[e] - r), c,
-                         std::min(kTileCols, cols - c)});
-      }
-    }
-  }
-  return tiles;
-}
-
-// Below this many multiply-adds a parallel region costs more than it saves
-// (and BLAS runs such small GEMMs on one thread anyway, so results are unchanged).
-constexpr int64_t kParallelMacs = int64_t(1) << 18;
-
-// Runs every tile once. Threads take tiles from a shared counter, largest
-// first (experts of a dropless plan differ in row count, so equal static
-// chunks leave a thread idle at the end). Which thread runs a tile changes
-// from call to call; what the tile computes does not.
-// `macs(tile)` is the tile's multiply-add count.
-void run_tiles(std::vector<Tile> tiles, const std::function<int64_t(const Tile&)>& macs,
-               const std::function<void(const Tile&)>& body) {
-  std::vector<std::pair<int64_t, size_t>> order(tiles.size());
-  int64_t total_macs = 0;
-  for (size_t i = 0; i < tiles.size(); ++i) {
-    order[i] = {-macs(tiles[i]), i};
-    total_macs -= order[i].first;
-  }
-  std::sort(order.begin(), order.end());
-  const int64_t count = static_cast<int64_t>(tiles.size());
-  std::atomic<int64_t> next{0};
-  const auto drain = [&](int64_t, int64_t) {
-    // Worker threads do not inherit the caller's dispatch-key state: the
-    // per-tile ATen calls must skip autograd explicitly.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
-         i = next.fetch_add(1, std::memory_order_relaxed)) {
-      body(tiles[order[i].second]);
-    }
-  };
-  const int64_t workers = total_macs < kParallelMacs ? 1 : std::min<int64_t>(at::get_num_threads(), count);
-  // One index per worker; a worker whose range holds several indices drains the
-  // same counter once, so no tile runs twice and none is skipped.
-  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, drain);
-}
-
-// A [rows, cols] matrix at element `offset` of `base`'s data with the given
-// strides, as a non-owning tensor: one TensorImpl instead of the three to five
-// dispatcher calls of narrow/select/t per tile (a measurable share of the time
-// when experts have few rows). `base` outlives every such view.
-at::Tensor view(const at::Tensor& base, int64_t offset, int64_t rows, int64_t cols, int64_t row_stride,
-                int64_t col_stride) {
-  void* data = static_cast<char*>(const_cast<void*>(base.const_data_ptr())) + offset * base.element_size();
-  return at::from_blob(data, {rows, cols}, {row_stride, col_stride}, base.options());
-}
+using cpu::make_tiles;
+using cpu::run_tiles;
+using cpu::Tile;
+using cpu::view;
 
 // Tiles of at most this many rows (a decode step: a few tokens per expert) skip BLAS. A GEMM call
 // with M this small runs at a fraction of memory bandwidth (packing the weights costs as much as
@@ -167,14 +98,14 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const 
         if (t.rows <= kSmallRows) {
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_mm_small_rows", [&] {
             call_small_rows_gemm(x.const_data_ptr<scalar_t>() + t.row0 * in_cols, in_cols, t.rows, in_cols,
-                                 w.const_data_ptr<scalar_t>() + t.expert * in_cols * out_cols + t.col0, out_cols,
-                                 t.cols, y.mutable_data_ptr<scalar_t>() + t.row0 * out_cols + t.col0, out_cols);
+                                 w.const_data_ptr<scalar_t>() + t.group * in_cols * out_cols + t.col0, out_cols, t.cols,
+                                 y.mutable_data_ptr<scalar_t>() + t.row0 * out_cols + t.col0, out_cols);
           });
           return;
         }
         at::Tensor out = view(y, t.row0 * out_cols + t.col0, t.rows, t.cols, out_cols, 1);
         at::mm_out(out, view(x, t.row0 * in_cols, t.rows, in_cols, in_cols, 1),
-                   view(w, t.expert * in_cols * out_cols + t.col0, in_cols, t.cols, out_cols, 1));
+                   view(w, t.group * in_cols * out_cols + t.col0, in_cols, t.cols, out_cols, 1));
       });
   return y;
 }
@@ -200,17 +131,17 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
         at::Tensor out = view(grad_x, t.row0 * in_cols + t.col0, t.rows, t.cols, in_cols, 1);
         // w[e][col0:col0 + cols, :]^T
         at::mm_out(out, view(grad, t.row0 * out_cols, t.rows, out_cols, out_cols, 1),
-                   view(w, (t.expert * in_cols + t.col0) * out_cols, out_cols, t.cols, 1, out_cols));
+                   view(w, (t.group * in_cols + t.col0) * out_cols, out_cols, t.cols, 1, out_cols));
       });
 
   // grad_w[e] = x[rows of e]^T @ grad_y[rows of e]: tiles over [in, out] of
   // every expert, each reducing over all of that expert's rows.
   at::Tensor grad_w = cpu::empty_output({E, in_cols, out_cols}, w.options());
   std::vector<int64_t> zero_begin(E, 0), in_rows(E, in_cols);
-  const auto depth = [&](const Tile& t) { return t.rows * t.cols * count[t.expert]; };
+  const auto depth = [&](const Tile& t) { return t.rows * t.cols * count[t.group]; };
   run_tiles(make_tiles(zero_begin, in_rows, out_cols), depth, [&](const Tile& t) {
-    at::Tensor out = view(grad_w, (t.expert * in_cols + t.row0) * out_cols + t.col0, t.rows, t.cols, out_cols, 1);
-    const int64_t rows = count[t.expert], first = begin[t.expert];
+    at::Tensor out = view(grad_w, (t.group * in_cols + t.row0) * out_cols + t.col0, t.rows, t.cols, out_cols, 1);
+    const int64_t rows = count[t.group], first = begin[t.group];
     if (rows == 0) {
       out.zero_();
       return;

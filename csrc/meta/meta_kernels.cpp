@@ -84,6 +84,19 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_meta(const at::Tensor& gr
   return {at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(w.sym_sizes(), w.options())};
 }
 
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_linear(x, weight, bias);
+  return at::empty_symint({x.sym_size(0), weight.sym_size(0)}, x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_meta(const at::Tensor& grad, const at::Tensor& x,
+                                                                    const at::Tensor& weight, bool with_bias) {
+  check_linear_backward(grad, x, weight);
+  const c10::SymInt bias_size = with_bias ? weight.sym_size(0) : c10::SymInt(0);
+  return {at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(weight.sym_sizes(), weight.options()),
+          at::empty_symint({bias_size}, weight.options())};
+}
+
 at::Tensor load_balancing_loss_meta(const at::Tensor& scores, const at::Tensor& indices, int64_t num_experts) {
   check_load_balancing_loss(scores, indices, num_experts);
   return at::empty({}, scores.options());
@@ -128,6 +141,8 @@ TORCH_LIBRARY_IMPL(moe_ext, Meta, m) {
   m.impl("combine_backward", &combine_backward_meta);
   m.impl("grouped_mm", &grouped_mm_meta);
   m.impl("grouped_mm_backward", &grouped_mm_backward_meta);
+  m.impl("linear", &linear_meta);
+  m.impl("linear_backward", &linear_backward_meta);
   m.impl("load_balancing_loss", &load_balancing_loss_meta);
   m.impl("load_balancing_loss_backward", &load_balancing_loss_backward_meta);
   m.impl("router_z_loss", &router_z_loss_meta);

@@ -587,13 +587,31 @@ TEST(Pipeline, NonContiguousInputsGiveTheSameResults) {
   EXPECT_TRUE(at::equal(run(logits, x, w), run(logits.contiguous(), x.contiguous(), w.contiguous())));
 }
 
+// Runs `run` at 1, 2, 3 and 4 threads (3 and 4 oversubscribe a 2-core machine: still valid counts) and
+// expects every result bitwise equal to the 1-thread one.
+template <typename Run>
+void expect_same_bits_for_1_to_4_threads(const Run& run, const std::vector<std::string>& names) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  const std::vector<Tensor> one = run();
+  ASSERT_EQ(one.size(), names.size());
+  for (int n = 2; n <= 4; ++n) {
+    at::set_num_threads(n);
+    const std::vector<Tensor> many = run();
+    for (size_t i = 0; i < one.size(); ++i)
+      EXPECT_TRUE(at::equal(one[i], many[i])) << names[i] << ", " << n << " threads";
+  }
+  at::set_num_threads(threads);
+}
+
 TEST(Pipeline, BitwiseSameWhateverTheThreadCount) {
   at::manual_seed(17);
   const int64_t T = 3000, E = 8, k = 2, H = 64, F = 96;
-  const Tensor logits0 = randn({T, E}, at::kFloat), x0 = randn({T, H}, at::kFloat);
-  const Tensor w0 = randn({E, H, F}, at::kFloat) * 0.1;
+  const Tensor x0 = randn({T, H}, at::kFloat), router0 = randn({E, H}, at::kFloat) * 0.1;
+  const Tensor router_bias0 = randn({E}, at::kFloat), w0 = randn({E, H, F}, at::kFloat) * 0.1;
   const auto run = [&] {
-    const Tensor logits = leaf(logits0), x = leaf(x0), w = leaf(w0);
+    const Tensor x = leaf(x0), router = leaf(router0), router_bias = leaf(router_bias0), w = leaf(w0);
+    const Tensor logits = moe_ext::linear(x, router, router_bias);
     const auto [weights, indices, scores] = moe_ext::topk_gating(logits, k);
     const Plan plan = make_plan(indices, E);
     const Tensor y =
@@ -603,19 +621,33 @@ TEST(Pipeline, BitwiseSameWhateverTheThreadCount) {
     const Tensor z = moe_ext::router_z_loss(logits);
     // y.pow(2).sum() is ATen's reduction, whose value may depend on the thread count; its gradient 2y
     // does not, so only the moe_ext values and the gradients are compared.
-    auto grads = torch::autograd::grad({y.pow(2).sum() + balance + z}, {logits, x, w});
+    auto grads = torch::autograd::grad({y.pow(2).sum() + balance + z}, {x, router, router_bias, w});
     grads.insert(grads.end(), {y.detach(), balance.detach(), z.detach(), scores.detach(), weights.detach()});
     return grads;
   };
-  const int threads = at::get_num_threads();
-  at::set_num_threads(1);
-  const auto one = run();
-  at::set_num_threads(std::max(2, threads));
-  const auto many = run();
-  at::set_num_threads(threads);
-  const char* names[] = {"grad logits",         "grad x",        "grad w", "y",
-                         "load_balancing_loss", "router_z_loss", "scores", "weights"};
-  for (size_t i = 0; i < one.size(); ++i) EXPECT_TRUE(at::equal(one[i], many[i])) << names[i];
+  expect_same_bits_for_1_to_4_threads(run, {"grad x", "grad router", "grad router bias", "grad w", "y",
+                                            "load_balancing_loss", "router_z_loss", "scores", "weights"});
+}
+
+// GEMMs too small for a parallel region run on the calling thread, where the BLAS library is otherwise free
+// to split a long reduction between its threads: one expert with 4096 rows and 8 x 4 weights, a linear of
+// 4096 rows to 4 outputs, in every dtype.
+TEST(Pipeline, SmallGemmsWithLongReductionsBitwiseSameWhateverTheThreadCount) {
+  for (const auto dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
+    at::manual_seed(3);
+    const int64_t N = 4096;
+    const Tensor x0 = randn({N, 8}, dtype), w0 = randn({1, 8, 4}, dtype), weight0 = randn({4, 8}, dtype);
+    const Tensor bias0 = randn({4}, dtype), grad0 = randn({N, 4}, dtype);
+    const Tensor offsets = at::tensor({int64_t(0), N}, at::kLong);
+    const auto run = [&] {
+      const Tensor x = leaf(x0), w = leaf(w0), weight = leaf(weight0), bias = leaf(bias0);
+      const Tensor y = moe_ext::grouped_mm(x, w, offsets), z = moe_ext::linear(x, weight, bias);
+      auto grads = torch::autograd::grad({y, z}, {x, w, weight, bias}, {grad0, grad0});
+      grads.insert(grads.end(), {y.detach(), z.detach()});
+      return grads;
+    };
+    expect_same_bits_for_1_to_4_threads(run, {"grad x", "grad w", "grad weight", "grad bias", "grouped_mm", "linear"});
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
