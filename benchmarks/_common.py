@@ -16,6 +16,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+# At its default level Kineto prints two "USDT ... profiler_start/stop" lines for every profiled call, and the
+# peak-memory measurement profiles every implementation: dozens of lines between the tables. Level 6 keeps them
+# out (read when a profile starts; an explicit KINETO_LOG_LEVEL wins).
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
