@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_DTYPES, DTYPE_IDS, tol
+from conftest import ALL_DTYPES, DTYPE_IDS, assert_bitwise_equal, tol
 
 import moe_ext
 from moe_ext import ops
@@ -95,17 +95,17 @@ def test_non_contiguous_and_expanded_inputs():
     torch.testing.assert_close(ops.swiglu(expanded), ops.swiglu(base[:1]).expand(10, 8), rtol=0, atol=0)
 
 
-def test_deterministic_across_thread_counts():
-    h = sample(4096, 96, torch.float32)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.swiglu(h)
-        torch.set_num_threads(2)
-        two = ops.swiglu(h)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=DTYPE_IDS.get)
+def test_deterministic_across_thread_counts(dtype, restore_num_threads):
+    h = sample(4096, 96, dtype)
+    grad = sample(4096, 96, dtype, seed=1)[:, :96].contiguous()
+    results = {}
+    for threads in (1, 2, 3, 4):
+        torch.set_num_threads(threads)
+        results[threads] = (ops.swiglu(h), torch.ops.moe_ext.swiglu_backward(grad, h))
+    for threads in (2, 3, 4):
+        for name, got, want in zip(("swiglu", "swiglu_backward"), results[threads], results[1], strict=True):
+            assert_bitwise_equal(got, want, f"{name}: {threads} threads vs 1")
 
 
 @pytest.mark.parametrize(

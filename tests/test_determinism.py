@@ -173,8 +173,11 @@ def test_again_with_intel_mkl_code_paths(tmp_path):
         "with MKL on its Intel code paths, torch.mm should differ between 1 and 2 threads for a long reduction; "
         f"it did not (stdout {canary.stdout!r}, stderr {canary.stderr[-2000:]!r})"
     )
+    # this module, and every op-level thread-count test
+    here = os.path.dirname(__file__)
+    files = [__file__] + [os.path.join(here, f) for f in ("test_linear.py", "test_ops.py", "test_activation.py")]
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "thread", *files],
         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
     )  # fmt: skip
     assert run.returncode == 0, f"determinism tests fail on Intel MKL code paths:\n{run.stdout[-6000:]}"
