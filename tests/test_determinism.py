@@ -119,15 +119,17 @@ def test_full_reductions_bitwise_same_for_1_to_4_threads(restore_num_threads):
     )
     layer.load_loss_coef = 0.1
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    x = torch.randn(40_000, 8, generator=torch.Generator().manual_seed(3))
-    probe = torch.randn(40_000, 8, generator=torch.Generator().manual_seed(4))
-    results = {}
-    for threads in THREADS:
-        torch.set_num_threads(threads)
-        results[threads] = _step(layer, state, x, probe)
-    for threads in THREADS[1:]:
-        for name, value in results[1].items():
-            assert_bitwise_equal(results[threads][name], value, f"{name}: {threads} threads vs 1")
+    # whether a split sum rounds differently depends on the values: a few inputs make a miss unlikely
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        x, probe = torch.randn(100_000, 8, generator=generator), torch.randn(100_000, 8, generator=generator)
+        results = {}
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            results[threads] = _step(layer, state, x, probe)
+        for threads in THREADS[1:]:
+            for name, value in results[1].items():
+                assert_bitwise_equal(results[threads][name], value, f"input {seed}, {name}: {threads} threads vs 1")
 
 
 # --------------------------------------------------------------------------------------------
