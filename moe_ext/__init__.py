@@ -2,6 +2,7 @@
 
 from . import distributed, memory, ops
 from .convert import replace_modules, upcycle
+from .experts import Experts
 from .layer import MoE, RoutingStats, aux_loss, set_aux_loss_scale
 from .monitor import ExpertUsage, GroupSkew, RoutingTrace, trace_routing
 from .ops import RoutingPlan
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExpertUsage",
+    "Experts",
     "GroupSkew",
     "MoE",
     "RoutingPlan",

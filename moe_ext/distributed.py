@@ -1,7 +1,7 @@
 """Expert parallelism over torch.distributed, and the helpers that go with it.
 
-A :class:`moe_ext.MoE` built with ``expert_parallel_group=pg`` holds only its share of the
-experts: with W ranks in ``pg`` and E experts, rank r holds experts
+A :class:`moe_ext.MoE` (or :class:`moe_ext.Experts`) built with ``expert_parallel_group=pg``
+holds only its share of the experts: with W ranks in ``pg`` and E experts, rank r holds experts
 ``[r * E / W, (r + 1) * E / W)`` in ``w_in``/``w_out`` (and ``b_in``/``b_out``). The router,
 the shared expert and every other parameter stay whole on every rank. Each forward:
 
@@ -35,14 +35,13 @@ loads at any other, and into a single-process model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import ops
-from .layer import EXPERT_PARAMETERS
 
 __all__ = [
     "average_expert_gradients",
@@ -53,6 +52,11 @@ __all__ = [
     "expert_parameters",
     "full_state_dict",
 ]
+
+# The per-expert tensors of an expert module ([E, ...], or [E / W, ...] when expert-parallel). This
+# file finds expert-parallel modules by what they hold (an ``expert_parallel_group`` and these
+# tensors), not by class: the modules import this file, never the reverse.
+EXPERT_PARAMETERS = ("w_in", "w_out", "b_in", "b_out")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -74,10 +78,13 @@ def _all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -
     return out
 
 
-def run_experts(layer, x_sorted: Tensor, offsets: Tensor) -> Tensor:
+def run_experts(
+    expert_ffn: Callable[[Tensor, Tensor], Tensor], x_sorted: Tensor, offsets: Tensor, group, num_local_experts: int
+) -> Tensor:
     """Expert outputs for rows grouped by global expert id (``offsets`` [E + 1]), computed by the
-    ranks that own the experts. The result has the rows of ``x_sorted``, in the same order."""
-    group, world, local = layer.expert_parallel_group, layer.expert_parallel_size, layer.num_local_experts
+    ranks of ``group`` that own the experts: ``expert_ffn(rows, local_offsets)`` runs this rank's
+    ``num_local_experts`` experts. The result has the rows of ``x_sorted``, in the same order."""
+    world, local = dist.get_world_size(group), num_local_experts
     rows_per_expert = offsets.diff()
     # How many rows each rank sends this rank for each of its local experts: [W * E_local],
     # laid out (source rank, local expert).
@@ -93,7 +100,7 @@ def run_experts(layer, x_sorted: Tensor, offsets: Tensor) -> Tensor:
     expert_of_row = torch.arange(local, device=offsets.device).repeat(world)
     expert_of_row = torch.repeat_interleave(expert_of_row, received_per_expert, output_size=received.shape[0])
     plan = ops.make_plan(expert_of_row.unsqueeze(1), local, None)
-    y_local = layer._expert_ffn(ops.dispatch(received, plan), plan.offsets)
+    y_local = expert_ffn(ops.dispatch(received, plan), plan.offsets)
     y_received = ops.combine(y_local, y_local.new_ones(received.shape[0], 1), plan)
     return _AllToAll.apply(y_received, in_splits, out_splits, group)
 
@@ -111,10 +118,8 @@ def check_same_config(group, config: dict) -> None:
 
 
 def _expert_parallel_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    from .layer import MoE
-
     for name, module in model.named_modules():
-        if isinstance(module, MoE) and module.expert_parallel_group is not None:
+        if getattr(module, "expert_parallel_group", None) is not None:
             yield name, module
 
 

@@ -1,92 +1,25 @@
-"""The drop-in MoE layer: router, stacked experts, and aux losses wired through the moe_ext operators."""
+"""The drop-in MoE layer: router -> plan -> experts -> combine, with the shared expert, aux losses and stats."""
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, routing
+from . import routing
+from .aux_loss import AuxLossInjector, weighted_aux_loss
+from .expert_control import ExpertControl
+from .experts import Experts, check_expert_sizes
+from .linear import Linear
+from .ops import RoutingPlan
+from .router import Routing, capacity, expert_choice, router_logits, routing_mask, token_choice
+from .shared_expert import SharedExpert
+from .stats import RoutingStats, routing_stats
 
 __all__ = ["MoE", "Routing", "RoutingStats", "aux_loss", "set_aux_loss_scale"]
 
-_GATED = {
-    "swiglu": F.silu,
-    "geglu": F.gelu,
-    "geglu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "clamped_swiglu": None,
-}  # clamped_swiglu: see _activate
-_PLAIN = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
-
-# The per-expert tensors of a layer ([E, ...], or [E / W, ...] when expert-parallel).
-EXPERT_PARAMETERS = ("w_in", "w_out", "b_in", "b_out")
-
-
-class RoutingStats(NamedTuple):
-    """Routing statistics of one forward, as tensors (reading a value syncs, building them does not).
-
-    tokens_per_expert       [E] int64: assignments routed to each expert, before capacity.
-    tokens_per_expert_kept  [E] int64: assignments each expert processed, after capacity.
-    dropped                 []  int64: assignments dropped by capacity.
-    load_imbalance          []  float: max / mean of tokens_per_expert (1.0 = perfectly balanced).
-    load_cv                 []  float: coefficient of variation (std / mean) of tokens_per_expert.
-    router_entropy          []  float: mean over tokens of the entropy (nats) of the router's
-                                score distribution (scores renormalized to sum to 1).
-    """
-
-    tokens_per_expert: Tensor
-    tokens_per_expert_kept: Tensor
-    dropped: Tensor
-    load_imbalance: Tensor
-    load_cv: Tensor
-    router_entropy: Tensor
-
-    def as_dict(self) -> dict:
-        """Python numbers and lists (this reads the tensors: one host sync)."""
-        return {name: (value.tolist() if value.dim() else value.item()) for name, value in self._asdict().items()}
-
-
-class Routing(NamedTuple):
-    """The routing of one forward, returned by ``layer(x, return_routing=True)`` (tensors keep their graph).
-
-    logits   [T, E]: the router logits the routing used (router dtype; with noisy
-             gating in training, the noisy logits).
-    weights  [T, k]: routing weights (float32, float64 for float64 logits);
-             [T, E] for expert-choice routing (0 where an expert did not take the token).
-    indices  [T, k] int64: chosen experts in descending selection order; None for expert choice.
-    """
-
-    logits: Tensor
-    weights: Tensor
-    indices: Tensor | None
-
-
-class _AuxLossInjector(torch.autograd.Function):
-    """Identity on the layer output whose backward also seeds the aux loss with `scale`.
-
-    The aux loss's gradient then reaches the router during the backward of any
-    loss computed from the output, exactly as if it had been added to that loss.
-    """
-
-    @staticmethod
-    def forward(ctx, output: Tensor, aux: Tensor, scale: float) -> Tensor:
-        ctx.aux_shape = aux.shape
-        ctx.aux_dtype = aux.dtype
-        ctx.scale = scale
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        seed = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad_output.device)
-        return grad_output, seed, None
-
-
-class MoE(nn.Module):
+class MoE(ExpertControl, Experts):
     """A sparse Mixture-of-Experts feed-forward layer: x [..., H] -> y [..., H], same shape and dtype.
 
     Each token is routed to ``top_k`` of ``num_experts`` expert FFNs and gets
@@ -167,6 +100,13 @@ class MoE(nn.Module):
             expert on this process.
         device, dtype: where and in which dtype to create the parameters.
 
+    Structure: ``MoE`` is a :class:`moe_ext.Experts` (the stacked expert weights and the
+    dispatch -> grouped FFN -> combine computation, also usable on its own with any router)
+    with, in front, the router projection ``router`` (a :class:`moe_ext.linear.Linear`, called
+    as a module, so peft's LoRA and forward hooks apply to it), the routing policy of
+    :mod:`moe_ext.router`, the optional ``shared_expert``, the aux losses of
+    :mod:`moe_ext.aux_loss` and the statistics of :mod:`moe_ext.stats`.
+
     Parameters: ``router.weight`` [E, H] (as ``nn.Linear(H, E)``), ``w_in``
     [E, H, F or 2F] and ``w_out`` [E, F, H], initialized like ``nn.Linear``
     (uniform in +-1/sqrt(fan_in)). Expert-parallel layers hold their
@@ -220,18 +160,9 @@ class MoE(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        for name, value in (
-            ("hidden_size", hidden_size),
-            ("ffn_hidden_size", ffn_hidden_size),
-            ("num_experts", num_experts),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MoE: {name} must be a positive int, got {value!r}")
+        check_expert_sizes("MoE", hidden_size, ffn_hidden_size, num_experts, activation)
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"MoE: top_k must satisfy 1 <= top_k <= num_experts = {num_experts}, got {top_k!r}")
-        if activation not in _GATED and activation not in _PLAIN:
-            raise ValueError(f"MoE: activation must be one of {sorted([*_GATED, *_PLAIN])}, got {activation!r}")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"MoE: capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}")
         if score_func not in ("softmax", "sigmoid"):
@@ -265,11 +196,27 @@ class MoE(nn.Module):
                 f"MoE: n_group must divide num_experts and 1 <= topk_group <= n_group, got n_group={n_group}, "
                 f"topk_group={topk_group}, num_experts={num_experts}"
             )
-        self.hidden_size = hidden_size
-        self.ffn_hidden_size = ffn_hidden_size
-        self.num_experts = num_experts
+        parallel_settings = {
+            "top_k": top_k,
+            "capacity_factor": capacity_factor,
+            "eval_capacity_factor": capacity_factor if eval_capacity_factor == "same" else eval_capacity_factor,
+            "min_capacity": min_capacity,
+            "router": router,
+        }
+        super().__init__(
+            hidden_size,
+            ffn_hidden_size,
+            num_experts,
+            activation,
+            expert_bias=expert_bias,
+            swiglu_alpha=swiglu_alpha,
+            swiglu_limit=swiglu_limit,
+            expert_parallel_group=expert_parallel_group,
+            parallel_settings=parallel_settings,
+            device=device,
+            dtype=dtype,
+        )
         self.top_k = top_k
-        self.activation = activation
         self.capacity_factor = capacity_factor
         self.score_func = score_func
         self.normalize_weights = normalize_weights
@@ -282,7 +229,7 @@ class MoE(nn.Module):
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.n_group = n_group
         self.topk_group = topk_group
-        self.eval_capacity_factor = capacity_factor if eval_capacity_factor == "same" else eval_capacity_factor
+        self.eval_capacity_factor = parallel_settings["eval_capacity_factor"]
         self.router_type = router
         self.router_dtype = router_dtype
         self.router_jitter = float(router_jitter)
@@ -294,29 +241,20 @@ class MoE(nn.Module):
         self.bias_update_rate = float(bias_update_rate)
         self.seq_aux_loss_coef = float(seq_aux_loss_coef)
         self.generator = generator
-        self.swiglu_alpha = float(swiglu_alpha)
-        self.swiglu_limit = float(swiglu_limit)
 
         factory = {"device": device, "dtype": dtype}
-        self._init_expert_parallel(expert_parallel_group, expert_bias, torch.empty((), **factory).dtype)
-        local = self.num_local_experts
-        in_width = 2 * ffn_hidden_size if activation in _GATED else ffn_hidden_size
-        self.router = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
-        self.w_in = nn.Parameter(torch.empty(local, hidden_size, in_width, **factory))
-        self.w_out = nn.Parameter(torch.empty(local, ffn_hidden_size, hidden_size, **factory))
-        self.b_in = nn.Parameter(torch.empty(local, in_width, **factory)) if expert_bias else None
-        self.b_out = nn.Parameter(torch.empty(local, hidden_size, **factory)) if expert_bias else None
-        self.noise = nn.Linear(hidden_size, num_experts, bias=False, **factory) if noisy_gating else None
+        self.router = Linear(hidden_size, num_experts, bias=router_bias, **factory)
+        self.noise = Linear(hidden_size, num_experts, bias=False, **factory) if noisy_gating else None
         if selection_bias:
             self.register_buffer("selection_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
         else:
             self.selection_bias = None
         self.shared_expert = (
-            _DenseFFN(hidden_size, shared_expert_size, activation, swiglu_alpha, swiglu_limit, **factory)
+            SharedExpert(hidden_size, shared_expert_size, activation, swiglu_alpha, swiglu_limit, **factory)
             if shared_expert_size
             else None
         )
-        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, **factory) if shared_expert_gate else None
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False, **factory) if shared_expert_gate else None
         # False = expert disabled: never selected, its tokens go to their next-best experts.
         # A buffer (not a parameter, not saved): toggling it changes no shape and forces no recompile.
         self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device), persistent=False)
@@ -348,199 +286,24 @@ class MoE(nn.Module):
         """nn.Linear's default: uniform in +-1/sqrt(fan_in) for the router and every expert matrix.
 
         A router bias (router_bias=True) starts at zero."""
+        if "router" not in self._modules:
+            return  # called by Experts.__init__ before the router exists; MoE.__init__ calls it once built
         self.router.reset_parameters()
         if self.router.bias is not None:
             nn.init.zeros_(self.router.bias)
-        with torch.no_grad():
-            in_bound, out_bound = 1.0 / math.sqrt(self.hidden_size), 1.0 / math.sqrt(self.ffn_hidden_size)
-            self._uniform_experts(self.w_in, in_bound)
-            self._uniform_experts(self.w_out, out_bound)
-            if self.b_in is not None:
-                self._uniform_experts(self.b_in, in_bound)
-                self._uniform_experts(self.b_out, out_bound)
-            if self.noise is not None:
+        self.reset_expert_parameters()
+        if self.noise is not None:
+            with torch.no_grad():
                 self.noise.weight.zero_()  # start noise-free: softplus(0) = ln 2 std, learned from there
         for module in (self.shared_expert, self.shared_expert_gate):
             if module is not None:
                 module.reset_parameters()
 
-    def _uniform_experts(self, param: Tensor, bound: float) -> None:
-        """U(-bound, bound) init; an expert-parallel layer draws every expert's block in turn and keeps its
-        own, so it consumes the RNG stream as the single-process layer does and holds the same experts."""
-        if self.expert_parallel_group is None:
-            param.uniform_(-bound, bound)
-            return
-        for expert in range(self.num_experts):
-            block = torch.empty_like(param[0]).uniform_(-bound, bound)
-            if (local := self._local_index(expert)) is not None:
-                param[local].copy_(block)
-
-    def _local_index(self, expert: int) -> int | None:
-        """Index in w_in/w_out of global expert ``expert``, None when another rank holds it."""
-        local = expert - self.expert_offset
-        return local if 0 <= local < self.num_local_experts else None
-
-    # ----- expert parallelism -----------------------------------------------------------------------
-
-    def _init_expert_parallel(self, group, expert_bias: bool, dtype: torch.dtype) -> None:
-        self.expert_parallel_group = group
-        self.expert_parallel_size, self.expert_parallel_rank = 1, 0
-        self.num_local_experts, self.expert_offset = self.num_experts, 0
-        if group is None:
-            return
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("MoE: expert_parallel_group needs an initialized torch.distributed (init_process_group)")
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        if rank < 0:
-            raise ValueError("MoE: this process is not a member of expert_parallel_group")
-        if self.num_experts % world:
-            raise ValueError(
-                f"MoE: num_experts = {self.num_experts} must be divisible by the expert_parallel_group size {world}"
-            )
-        from .distributed import check_same_config
-
-        check_same_config(
-            group,
-            {
-                "hidden_size": self.hidden_size,
-                "ffn_hidden_size": self.ffn_hidden_size,
-                "num_experts": self.num_experts,
-                "top_k": self.top_k,
-                "activation": self.activation,
-                "capacity_factor": self.capacity_factor,
-                "eval_capacity_factor": self.eval_capacity_factor,
-                "min_capacity": self.min_capacity,
-                "router": self.router_type,
-                "expert_bias": bool(expert_bias),
-                "dtype": str(dtype),
-            },
-        )
-        self.expert_parallel_size, self.expert_parallel_rank = world, rank
-        self.num_local_experts = self.num_experts // world
-        self.expert_offset = rank * self.num_local_experts
-        self.register_load_state_dict_pre_hook(_load_expert_shard)
-
-    def _run_experts(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
-        if self.expert_parallel_group is None:
-            return self._expert_ffn(x_sorted, offsets)
-        from .distributed import run_experts
-
-        return run_experts(self, x_sorted, offsets)
-
-    # ----- expert control ---------------------------------------------------------------------------
-
-    def _expert_ids(self, experts, what: str) -> list[int]:
-        ids = [int(e) for e in (experts.tolist() if isinstance(experts, Tensor) else experts)]
-        bad = [e for e in ids if not 0 <= e < self.num_experts]
-        if bad:
-            raise ValueError(f"MoE.{what}: experts must be in [0, num_experts = {self.num_experts}), got {bad}")
-        return ids
-
-    def disable_experts(self, experts) -> None:
-        """Switches experts off: they are never selected and their tokens go to the next-best experts.
-
-        With ``normalize_weights=True`` the weights renormalize over the experts
-        that remain; with softmax scores the softmax runs over enabled experts
-        only. Works in training and inference, and in a compiled model without
-        recompiling (the mask is a buffer). At least ``top_k`` experts must stay on.
-        """
-        ids = self._expert_ids(experts, "disable_experts")
-        mask = self.expert_mask.clone()
-        mask[ids] = False
-        if int(mask.sum()) < self.top_k:
-            raise ValueError(
-                f"MoE.disable_experts: disabling {sorted(set(ids))} leaves {int(mask.sum())} enabled experts, "
-                f"fewer than top_k = {self.top_k}"
-            )
-        self.expert_mask.copy_(mask)
-
-    def enable_experts(self, experts=None) -> None:
-        """Switches experts back on (all of them when ``experts`` is None)."""
-        if experts is None:
-            self.expert_mask.fill_(True)
-        else:
-            self.expert_mask[self._expert_ids(experts, "enable_experts")] = True
-
-    @property
-    def disabled_experts(self) -> list[int]:
-        return [e for e, on in enumerate(self.expert_mask.tolist()) if not on]
-
-    def restrict_experts(self, token_mask: Tensor, allowed) -> _Restriction:
-        """Routes the flagged tokens of the following forwards only to ``allowed`` experts.
-
-        ``token_mask`` is a bool tensor over the input's leading dims (``x.shape[:-1]``);
-        ``allowed`` lists expert ids (or is an [E] bool mask). Unflagged tokens
-        route as usual. The restriction stays until :meth:`clear_restriction`;
-        the returned handle is also a context manager that clears it on exit::
-
-            with layer.restrict_experts(is_medical, allowed=[0, 3]):
-                y = layer(x)
-        """
-        if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool:
-            raise ValueError("MoE.restrict_experts: token_mask must be a bool tensor over x.shape[:-1]")
-        if isinstance(allowed, Tensor) and allowed.dtype == torch.bool:
-            if allowed.shape != (self.num_experts,):
-                raise ValueError(f"MoE.restrict_experts: allowed as a mask must have shape [{self.num_experts}]")
-            allowed_mask = allowed.to(self.expert_mask.device).clone()
-        else:
-            allowed_mask = torch.zeros_like(self.expert_mask)
-            allowed_mask[self._expert_ids(allowed, "restrict_experts")] = True
-        if int((allowed_mask & self.expert_mask).sum()) < self.top_k:
-            raise ValueError(f"MoE.restrict_experts: fewer than top_k = {self.top_k} allowed experts are enabled")
-        self._restriction = (token_mask.to(self.expert_mask.device), allowed_mask)
-        return _Restriction(self)
-
-    def clear_restriction(self) -> None:
-        self._restriction = None
-
-    @torch.no_grad()
-    def clone_expert(self, src: int, dst: int, copy_router: bool = False) -> None:
-        """Copies expert ``src``'s weights into slot ``dst`` (a redundant replica).
-
-        With ``copy_router=True`` the router row is copied too, so ``dst`` scores
-        exactly like ``src``: disable ``src`` and its tokens move to the replica.
-        Expert-parallel layers: a collective (every rank of the group calls it);
-        the rank holding ``src`` sends its weights to the one holding ``dst``.
-        """
-        src, dst = self._expert_ids([src, dst], "clone_expert")
-        for param in [getattr(self, name) for name in EXPERT_PARAMETERS]:
-            if param is None:
-                continue
-            if self.expert_parallel_group is None:
-                param[dst].copy_(param[src])
-                continue
-            owner = src // self.num_local_experts
-            source = self._local_index(src)
-            block = param[source].clone() if source is not None else torch.empty_like(param[0])
-            dist.broadcast(block, dist.get_global_rank(self.expert_parallel_group, owner), self.expert_parallel_group)
-            if (target := self._local_index(dst)) is not None:
-                param[target].copy_(block)
-        if copy_router:
-            self.router.weight[dst].copy_(self.router.weight[src])
-            if self.router.bias is not None:
-                self.router.bias[dst].copy_(self.router.bias[src])
-
-    def _routing_mask(self, leading_shape: torch.Size, num_tokens: int) -> Tensor:
-        if self._restriction is None:
-            return self.expert_mask
-        token_mask, allowed = self._restriction
-        if token_mask.shape != leading_shape:
-            raise ValueError(
-                f"MoE: the restrict_experts token_mask has shape {tuple(token_mask.shape)} but the input's "
-                f"leading dims are {tuple(leading_shape)}; call clear_restriction() or restrict again"
-            )
-        flagged = token_mask.reshape(num_tokens, 1)
-        return torch.where(flagged, (allowed & self.expert_mask).unsqueeze(0), self.expert_mask.unsqueeze(0))
-
     def extra_repr(self) -> str:
         capacity = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
-        parallel = ""
-        if self.expert_parallel_group is not None:
-            last = self.expert_offset + self.num_local_experts - 1
-            parallel = f", expert_parallel={self.expert_parallel_size} (local experts {self.expert_offset}..{last})"
         return (
-            f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "
-            f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation}, {capacity}{parallel}"
+            f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, num_experts={self.num_experts}, "
+            f"top_k={self.top_k}, activation={self.activation}, {capacity}{self._parallel_repr()}"
         )
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -551,61 +314,36 @@ class MoE(nn.Module):
         ``self.training`` is False.
         """
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        if factor is None:
-            return None
         per_token = 1 if self.router_type == "expert_choice" else self.top_k
-        # The (1 - 1e-12) keeps float rounding from bumping an exact quotient (1.1 * 10 / 11) up by one.
-        wanted = math.ceil(factor * num_tokens * per_token / self.num_experts * (1 - 1e-12))
-        return max(self.min_capacity, wanted)
+        return capacity(factor, num_tokens, per_token, self.num_experts, self.min_capacity)
 
-    def _expert_ffn(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
-        h = ops.grouped_mm(x_sorted, self.w_in, offsets)
-        expert_of_row = None
-        if self.b_in is not None:
-            # [N] expert of every row, from the plan's offsets (no host sync: output_size is N).
-            expert_of_row = torch.repeat_interleave(
-                torch.arange(offsets.shape[0] - 1, device=offsets.device), offsets.diff(), output_size=h.shape[0]
-            )
-            # index_select, not indexing: its backward (index_add_) sums rows in a fixed order, while
-            # indexing's (index_put_ with accumulate) gives other bits at another thread count.
-            h = h + self.b_in.index_select(0, expert_of_row)
-        h = _activate(self.activation, h, self.swiglu_alpha, self.swiglu_limit)
-        y = ops.grouped_mm(h, self.w_out, offsets)
-        if expert_of_row is not None:
-            y = y + self.b_out.index_select(0, expert_of_row)
-        return y
-
-    def _router_logits(self, tokens: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(logits used for routing, clean logits, noise std); the last two only with noisy gating."""
-        if self.router_dtype is None:
-            return self._router_logits_in(tokens, self.router.weight, self.router.bias)
-        # "at least" router_dtype: an fp32 router upcasts bf16 but never downcasts a float64 layer, and
-        # autocast does not take it back down (the point of Switch's fp32 router under bf16 training).
-        dtype = torch.promote_types(self.router_dtype, tokens.dtype)
-        bias = self.router.bias
-        with torch.autocast(tokens.device.type, enabled=False):
-            return self._router_logits_in(
-                tokens.to(dtype), self.router.weight.to(dtype), None if bias is None else bias.to(dtype)
-            )
-
-    def _router_logits_in(self, router_input: Tensor, weight: Tensor, bias: Tensor | None):
-        # ops.linear, not F.linear: its weight gradient does not depend on the thread count (see ops.linear).
-        if self.training and self.router_jitter > 0:
-            noise = torch.empty_like(router_input).uniform_(
-                1.0 - self.router_jitter, 1.0 + self.router_jitter, generator=self.generator
-            )
-            router_input = router_input * noise
-        logits = ops.linear(router_input, weight, bias)
-        if self.noise is None:
-            return logits, None, None
-        noise_std = F.softplus(ops.linear(router_input, self.noise.weight.to(weight.dtype)))
-        if not self.training:
-            return logits, logits, noise_std
-        sample = torch.randn(logits.shape, generator=self.generator, device=logits.device, dtype=logits.dtype)
-        return logits + sample * noise_std, logits, noise_std
+    # ----- the forward ------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
         """y [..., H]; with ``return_routing=True`` the tuple (y, :class:`Routing`)."""
+        self._check_input(x)
+        leading_shape = x.shape[:-1]
+        tokens = x.reshape(-1, self.hidden_size)
+        logits = router_logits(
+            self.router,
+            self.noise,
+            tokens,
+            router_dtype=self.router_dtype,
+            jitter=self.router_jitter,
+            training=self.training,
+            generator=self.generator,
+        )
+        weights, indices, scores, plan = self.route(logits.routed, leading_shape)
+        y = self.apply_plan(tokens, plan, weights)
+        if self.shared_expert is not None:
+            y = y + self._shared_expert(tokens)
+        y = self._add_aux_loss(y, logits, scores, indices, weights, leading_shape)
+        self._record(plan, indices, weights, scores, leading_shape)
+        if return_routing:
+            return y.reshape(x.shape), Routing(logits.routed, weights, indices)
+        return y.reshape(x.shape)
+
+    def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"MoE: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
@@ -622,200 +360,91 @@ class MoE(nn.Module):
                 f"MoE: x is {x.dtype} but the layer's parameters are {self.w_in.dtype}; "
                 f"convert one of them (for example layer.to({x.dtype}))"
             )
-        shape = x.shape
-        tokens = x.reshape(-1, self.hidden_size)
-        logits, clean_logits, noise_std = self._router_logits(tokens)
-        capacity = self.capacity(tokens.shape[0])
-        mask = self._routing_mask(shape[:-1], tokens.shape[0])
-        if self.router_type == "expert_choice":
-            # Scores are the per-token softmax; each expert then picks its best tokens.
-            _, _, scores = ops.topk_gating(logits, 1, self.score_func, False, None, 1.0, 1, 1, mask)
-            plan = ops.expert_choice_plan(scores.detach(), capacity)
-            weights = torch.where(plan.row_of >= 0, scores, torch.zeros_like(scores))
-            indices = None
-        else:
-            weights, indices, scores = ops.topk_gating(
-                logits,
-                self.top_k,
-                self.score_func,
-                self.normalize_weights,
-                self.selection_bias,
-                self.routed_scaling_factor,
-                self.n_group,
-                self.topk_group,
-                mask,
-            )
-            priority = None
-            if capacity is not None:
-                # Random token selection is a training regularizer: evaluation keeps the position order.
-                policy = "position" if self.drop_policy == "random" and not self.training else self.drop_policy
-                priority = routing.drop_priority(policy, weights, self.generator)
-                if self.random_routing and self.training:
-                    if priority is None:
-                        priority = torch.zeros_like(weights)
-                    drop = routing.gshard_second_expert_drop(weights, self.generator)
-                    priority = priority.masked_fill(drop, float("-inf"))
-            plan = ops.make_plan(indices, self.num_experts, capacity, priority)
-            if self.bias_update_rate and self.training:
-                counts = plan.counts
-                if self.expert_parallel_group is not None:
-                    # The bias is replicated: update it from the loads of the whole group, the same on every rank.
-                    counts = counts.clone()
-                    dist.all_reduce(counts, group=self.expert_parallel_group)
-                routing.balance_bias_update(self.selection_bias, counts, self.bias_update_rate)
-        y_sorted = self._run_experts(ops.dispatch(tokens, plan), plan.offsets)
-        y = ops.combine(y_sorted, weights, plan)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(tokens)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(ops.linear(tokens, self.shared_expert_gate.weight)) * shared
-            y = y + shared
 
-        aux = self._aux_loss(logits, scores, indices, weights, clean_logits, noise_std, shape[:-1])
+    def route(self, logits: Tensor, leading_shape: torch.Size) -> tuple[Tensor, Tensor | None, Tensor, RoutingPlan]:
+        """(weights, indices, scores, plan) for router logits [T, E] under the layer's routing settings
+        (token or expert choice, masks and restrictions, capacity and drop policy); in training with
+        ``bias_update_rate``, also the aux-loss-free update of ``selection_bias``."""
+        num_tokens = logits.shape[0]
+        mask = routing_mask(self.expert_mask, self._restriction, leading_shape, num_tokens)
+        rows = self.capacity(num_tokens)
+        if self.router_type == "expert_choice":
+            return expert_choice(logits, mask, score_func=self.score_func, capacity=rows)
+        weights, indices, scores, plan = token_choice(
+            logits,
+            mask,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            score_func=self.score_func,
+            normalize=self.normalize_weights,
+            selection_bias=self.selection_bias,
+            scale=self.routed_scaling_factor,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            capacity=rows,
+            drop_policy=self.drop_policy,
+            random_routing=self.random_routing,
+            training=self.training,
+            generator=self.generator,
+        )
+        if self.bias_update_rate and self.training:
+            counts = plan.counts
+            if self.expert_parallel_group is not None:
+                # The bias is replicated: update it from the loads of the whole group, the same on every rank.
+                counts = counts.clone()
+                dist.all_reduce(counts, group=self.expert_parallel_group)
+            routing.balance_bias_update(self.selection_bias, counts, self.bias_update_rate)
+        return weights, indices, scores, plan
+
+    def _shared_expert(self, tokens: Tensor) -> Tensor:
+        shared = self.shared_expert(tokens)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+        return shared
+
+    def _add_aux_loss(self, y: Tensor, logits, scores, indices, weights, leading_shape) -> Tensor:
+        """Stores the weighted aux loss in ``self.aux_loss``; in auto mode the output also carries its gradient."""
+        aux = weighted_aux_loss(
+            logits.routed,
+            scores,
+            indices,
+            weights,
+            balance=self.aux_loss_coef,
+            balance_type=self.aux_loss_type,
+            z=self.z_loss_coef,
+            importance=self.importance_loss_coef,
+            load=self.load_loss_coef,
+            sequence=self.seq_aux_loss_coef,
+            clean_logits=logits.clean,
+            noise_std=logits.noise_std,
+            top_k=self.top_k,
+            leading_shape=leading_shape,
+            training=self.training,
+        )
         if self.aux_loss_mode == "auto":
             if self.training and torch.is_grad_enabled() and aux.requires_grad:
-                y = _AuxLossInjector.apply(y, aux, self.aux_loss_scale)
+                y = AuxLossInjector.apply(y, aux, self.aux_loss_scale)
             aux = aux.detach()
         self.aux_loss = aux
+        return y
+
+    def _record(self, plan, indices, weights, scores, leading_shape) -> None:
+        """``last_stats`` and, while a trace records, the trace."""
         if self.track_stats:
             # Rows an expert filled: exact under any drop rule (capacity overflow or -inf priority).
-            kept = None
-            if capacity is not None:
-                kept = (plan.token_of.reshape(self.num_experts, capacity) >= 0).sum(-1)
-            self.last_stats = _routing_stats(plan.counts, kept, scores.detach())
+            kept, rows = None, self.capacity(plan.row_of.shape[0])
+            if rows is not None:
+                kept = (plan.token_of.reshape(self.num_experts, rows) >= 0).sum(-1)
+            self.last_stats = routing_stats(plan.counts, kept, scores.detach())
         if self._trace_sink is not None:
             traced = indices if indices is not None else _expert_choice_indices(plan.row_of)
-            self._trace_sink.record(self, traced, weights.detach(), plan.row_of, shape[:-1])
-        if return_routing:
-            return y.reshape(shape), Routing(logits, weights, indices)
-        return y.reshape(shape)
-
-    def _aux_loss(self, logits, scores, indices, weights, clean_logits, noise_std, leading_shape) -> Tensor:
-        aux = scores.new_zeros(())
-        if self.aux_loss_coef != 0.0 and indices is not None:
-            counted = indices[:, :1] if self.aux_loss_type == "gshard" else indices
-            aux = aux + self.aux_loss_coef * ops.load_balancing_loss(scores, counted, self.num_experts)
-        if self.z_loss_coef != 0.0:
-            aux = aux + self.z_loss_coef * ops.router_z_loss(logits)
-        if self.importance_loss_coef != 0.0:
-            gates = weights if indices is None else torch.zeros_like(scores).scatter(1, indices, weights)
-            aux = aux + self.importance_loss_coef * routing.cv_squared(gates.sum(0))
-        if self.load_loss_coef != 0.0 and self.training:
-            dtype = torch.promote_types(logits.dtype, torch.float32)
-            load = routing.noisy_topk_load(clean_logits.to(dtype), logits.to(dtype), noise_std.to(dtype), self.top_k)
-            aux = aux + self.load_loss_coef * routing.cv_squared(load)
-        if self.seq_aux_loss_coef != 0.0 and indices is not None:
-            aux = aux + self.seq_aux_loss_coef * routing.sequence_aux_loss(
-                scores, indices, self.num_experts, leading_shape
-            )
-        return aux
-
-
-def _activate(activation: str, h: Tensor, alpha: float = 1.702, limit: float = 7.0) -> Tensor:
-    if activation == "clamped_swiglu":
-        # GPT-OSS: both halves clamped (the gate from above only), sigmoid sharpened by alpha, up offset by 1.
-        gate, up = h.chunk(2, dim=-1)
-        gate = gate.clamp(min=None, max=limit)
-        up = up.clamp(min=-limit, max=limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-    if activation == "swiglu":
-        # One fused op (a single pass each way) instead of chunk + silu + mul and their autograd.
-        return ops.swiglu(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], h.shape[-1] // 2)
-    if activation in _GATED:
-        gate, up = h.chunk(2, dim=-1)
-        return _GATED[activation](gate) * up
-    return _PLAIN[activation](h)
-
-
-class _DenseFFN(nn.Module):
-    """An always-on dense expert (shared expert): w_in [H, F or 2F], w_out [F, H], same activation."""
-
-    def __init__(
-        self,
-        hidden_size: int,
-        ffn_hidden_size: int,
-        activation: str,
-        swiglu_alpha: float = 1.702,
-        swiglu_limit: float = 7.0,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        self.swiglu_alpha, self.swiglu_limit = float(swiglu_alpha), float(swiglu_limit)
-        in_width = 2 * ffn_hidden_size if activation in _GATED else ffn_hidden_size
-        self.activation = activation
-        self.w_in = nn.Linear(hidden_size, in_width, bias=False, device=device, dtype=dtype)
-        self.w_out = nn.Linear(ffn_hidden_size, hidden_size, bias=False, device=device, dtype=dtype)
-
-    def reset_parameters(self) -> None:
-        self.w_in.reset_parameters()
-        self.w_out.reset_parameters()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = _activate(self.activation, ops.linear(x, self.w_in.weight), self.swiglu_alpha, self.swiglu_limit)
-        return ops.linear(h, self.w_out.weight)
-
-
-def _load_expert_shard(module: MoE, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    """load_state_dict pre-hook of expert-parallel layers: a full checkpoint (all E experts, as saved by a
-    single-process layer or moe_ext.distributed.full_state_dict) loads as this rank's share of it."""
-    for name in EXPERT_PARAMETERS:
-        key = prefix + name
-        if getattr(module, name) is None or key not in state_dict:
-            continue
-        held = state_dict[key].shape[0] if state_dict[key].dim() else -1
-        if held == module.num_experts:
-            state_dict[key] = state_dict[key][module.expert_offset : module.expert_offset + module.num_local_experts]
-        elif held != module.num_local_experts:
-            errors.append(
-                f"{key} holds {held} experts; this expert-parallel layer (num_experts = {module.num_experts} over "
-                f"{module.expert_parallel_size} ranks) loads all {module.num_experts} (a full state dict, see "
-                f"moe_ext.distributed.full_state_dict) or its own {module.num_local_experts}"
-            )
+            self._trace_sink.record(self, traced, weights.detach(), plan.row_of, leading_shape)
 
 
 def _expert_choice_indices(row_of: Tensor) -> Tensor:
     """[T, E] expert ids for a trace of expert-choice routing (-1 where the expert did not take the token)."""
     experts = torch.arange(row_of.shape[1], device=row_of.device).expand_as(row_of)
     return torch.where(row_of >= 0, experts, torch.full_like(experts, -1))
-
-
-class _Restriction:
-    """Handle returned by MoE.restrict_experts; leaving its `with` block clears the restriction."""
-
-    def __init__(self, layer: MoE) -> None:
-        self.layer = layer
-
-    def __enter__(self) -> _Restriction:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.layer.clear_restriction()
-
-
-def _fixed_order_mean(values: Tensor, block: int = 4096) -> Tensor:
-    """Mean of a 1-D tensor, summed in an order no thread count changes: ATen's reduction of a whole
-    tensor of 32768 elements or more splits it between threads (one partial sum per thread); the sum of
-    each fixed block of rows and then of the block sums does not."""
-    n = values.shape[0]
-    blocks = F.pad(values, (0, (-n) % block)).reshape(-1, block)
-    return blocks.sum(1).sum() / n
-
-
-@torch.no_grad()
-def _routing_stats(counts: Tensor, kept: Tensor | None, scores: Tensor) -> RoutingStats:
-    kept = counts if kept is None else kept
-    load = counts.to(scores.dtype)
-    mean = load.mean()
-    safe_mean = mean.clamp(min=torch.finfo(load.dtype).tiny)
-    imbalance = torch.where(mean > 0, load.max() / safe_mean, torch.ones_like(mean))
-    cv = torch.where(mean > 0, load.std(correction=0) / safe_mean, torch.zeros_like(mean))
-    if scores.shape[0] > 0:
-        p = scores / scores.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
-        entropy = _fixed_order_mean(torch.special.entr(p).sum(dim=-1))
-    else:
-        entropy = scores.new_zeros(())
-    return RoutingStats(counts, kept, counts.sum() - kept.sum(), imbalance, cv, entropy)
 
 
 def aux_loss(model: nn.Module) -> Tensor:
