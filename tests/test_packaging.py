@@ -171,3 +171,17 @@ def test_check_fails_when_an_op_lacks_a_kernel():
     want = "Meta, CUDA, Autograd" if _C.with_cuda else "Meta, Autograd"
     assert f"check FAILED: moe_ext::probe_only_cpu has no {want} kernel" in done.stderr
     assert "probe_only_cpu" in done.stdout and "check ok" not in done.stdout
+
+
+def test_setup_stops_before_compiling_without_a_cuda_toolkit(source_copy, tmp_path):
+    env = dict(os.environ, MOE_EXT_CUDA="1", CUDA_HOME=str(tmp_path / "no-toolkit"))
+    done = subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=source_copy, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode != 0, done.stdout
+    if torch.version.cuda is None:
+        assert f"the installed torch {torch.__version__} has no CUDA" in done.stderr, done.stderr
+    else:
+        assert f"CUDA_HOME={tmp_path / 'no-toolkit'} is not a CUDA toolkit" in done.stderr, done.stderr
+        assert "Set CUDA_HOME to the toolkit root" in done.stderr
+    assert not (source_copy / "build").exists(), "nothing may be compiled before the check"
