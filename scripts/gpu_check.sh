@@ -140,8 +140,11 @@ for tool in memcheck racecheck synccheck; do
     step "$tool" 10 sh -c 'echo "compute-sanitizer not found on PATH, in CUDA_HOME/bin or /usr/local/cuda/bin" >&2; exit 1'
     continue
   fi
-  # memcheck: no caching allocator, so an access past a tensor's end is past its allocation.
-  step "$tool" 240 env PYTORCH_NO_CUDA_MEMORY_CACHING="$([[ $tool == memcheck ]] && echo 1 || echo 0)" \
+  # memcheck: no caching allocator, so an access past a tensor's end is past its allocation (torch reads
+  # the variable's presence, not its value: set it for memcheck only).
+  tool_env=()
+  [[ $tool == memcheck ]] && tool_env=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+  step "$tool" 240 env "${tool_env[@]}" \
     "$sanitizer" --tool "$tool" --error-exitcode 1 --print-limit 20 "$PY" scripts/cuda_op_suite.py --device cuda
 done
 
