@@ -10,6 +10,7 @@
 # Cached between runs on one machine (a fresh machine creates everything): the venv (keyed by the torch
 # version) and the build folder of the copy, so ninja recompiles only the sources that changed.
 #
+# The build log (compiler warnings included) is $MOE_EXT_CACHE/cuda-build-torch-*/build.log.
 # Environment: CUDA_TORCH_VERSION (default 2.14.1), MOE_EXT_CACHE (default ~/.cache/moe_ext),
 # TORCH_CUDA_ARCH_LIST (default 9.0: one arch keeps the build to minutes), MAX_JOBS (default: nproc),
 # BASE_PYTHON (the interpreter that creates the venv; default python3), CUDA_HOME (else setup.py finds it),
@@ -91,7 +92,7 @@ sync_tree "$REPO" "$WORK/src"
 # (build/temp.*) decides what to recompile.
 rm -rf "$WORK/src/build/lib."* "$WORK/src/build/bdist."* "$WORK/src/"*.egg-info "$WORK/dist/"*.whl
 log "MOE_EXT_CUDA=1 pip wheel --no-build-isolation --no-deps (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
-(cd "$WORK/src" && MOE_EXT_CUDA=1 "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps -w "$WORK/dist" .) \
+(cd "$WORK/src" && MOE_EXT_CUDA=1 "$VENV/bin/python" -m pip wheel -v --no-build-isolation --no-deps -w "$WORK/dist" .) \
   >"$WORK/build.log" 2>&1 || { tail -n 80 "$WORK/build.log"; log "build FAILED (log: $WORK/build.log)"; exit 1; }
 grep -E '^moe_ext: ' "$WORK/build.log" || true
 wheel="$(ls "$WORK/dist/"moe_ext-*.whl)"
