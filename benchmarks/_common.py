@@ -34,6 +34,7 @@ def time_interleaved(
     max_repeats: int = 200,
     slow_seconds: float = 2.0,
     slow_repeats: int = 3,
+    device: torch.device | str = "cpu",
 ) -> dict[str, dict]:
     """Times every function round-robin (a, b, c, a, b, c, ...) so machine noise hits all alike.
 
@@ -44,12 +45,20 @@ def time_interleaved(
     so it cannot stretch a whole benchmark by minutes; its run count says so. Returns per
     name: median, p25, p75, min (seconds) and the run count. Python's garbage collector is
     off while timing.
+
+    On a CUDA ``device`` each timed call is the time between two CUDA events recorded on the
+    current stream just before and after it (the GPU's time for the work the call queued, plus
+    any host wait inside it); the device is synchronized after every round, so no call's
+    queued work spills into the next one's interval.
     """
+    cuda = torch.device(device).type == "cuda"
     estimate = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             start = time.perf_counter()
             fn()
+            if cuda:
+                torch.cuda.synchronize(device)
             estimate[name] = time.perf_counter() - start
     slow = {name for name, seconds in estimate.items() if seconds > slow_seconds}
     slowest = max((v for n, v in estimate.items() if n not in slow), default=0.0)
@@ -59,12 +68,24 @@ def time_interleaved(
     gc.disable()
     try:
         for round_ in range(rounds):
+            events = []
             for name, fn in fns.items():
                 if name in slow and round_ >= slow_repeats:
+                    continue
+                if cuda:
+                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    begin.record()
+                    fn()
+                    end.record()
+                    events.append((name, begin, end))
                     continue
                 start = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - start)
+            if cuda:
+                torch.cuda.synchronize(device)
+                for name, begin, end in events:
+                    samples[name].append(begin.elapsed_time(end) / 1e3)
     finally:
         gc.enable()
     out = {}
@@ -107,8 +128,37 @@ def peak_tensor_bytes(fn: Callable[[], object], setup: Callable[[], object] | No
     return peak
 
 
-def environment() -> dict:
-    """What the numbers depend on: versions, threads, CPU, and the machine's load when measured."""
+def peak_cuda_bytes(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> int:
+    """Peak bytes the CUDA caching allocator handed out while ``fn`` ran, above what was allocated at its start.
+
+    torch.cuda.max_memory_allocated counts live tensor blocks (rounded to the allocator's 512-byte
+    granularity), so like peak_tensor_bytes it leaves out allocator slack. ``setup`` as there.
+    """
+    if setup is not None:
+        setup()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def require_cuda(device: str, script: str) -> torch.device:
+    """torch.device(device), or exit with a message saying why this machine cannot run CUDA timings."""
+    if not device.startswith("cuda"):
+        sys.exit(f"{script}: --device {device!r}: this script times CUDA kernels only (--device cuda)")
+    if not torch.cuda.is_available():
+        sys.exit(
+            f"{script}: no CUDA device available (torch {torch.__version__}, built with CUDA "
+            f"{torch.version.cuda or 'no'}): run it on a machine with an NVIDIA GPU and a CUDA build of torch"
+        )
+    return torch.device(device)
+
+
+def environment(device: torch.device | str = "cpu") -> dict:
+    """What the numbers depend on: versions, threads, CPU (and GPU), and the machine's load when measured."""
     info = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -122,6 +172,10 @@ def environment() -> dict:
         # allocator settings change the cost of fresh large tensors (page faults): record them
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD", "OMP_", "KMP_"))},
     }
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+        info["cuda"] = torch.version.cuda
     try:
         import transformers
 
@@ -143,8 +197,8 @@ def _cpu_model() -> str:
 
 
 def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_moe.py [--quick] [--configs mixtral,deepseek] [--dtypes float32]
                                                 [--peers moe_ext,hf_mixtral[grouped_mm]] [--profile]
+                                                [--device cuda]
 
 For every config and dtype, every implementation (benchmarks/peers.py) gets the weights of one
 moe_ext layer, its output and input gradient are checked against moe_ext's (the run aborts if
@@ -9,6 +10,13 @@ one disagrees), then all are timed round-robin: median of >= 10 timed runs after
 a peer whose every call takes over 2 s, said under its table), on
 --threads threads (2). Peak memory is the peak of live tensor bytes during one call (see
 _common.peak_tensor_bytes). Writes benchmarks/results/bench_moe.json.
+
+--device cuda runs the same configs, peers, checks and floor on a GPU: every call is timed with CUDA
+events recorded around it on the current stream (_common.time_interleaved), peak memory is the peak of
+torch.cuda.max_memory_allocated above the start of the call, and the floor is its per-expert GEMM loop
+(the expert-parallel variant spreads GEMMs over CPU threads, which has no meaning there). The
+transformers and torch._grouped_mm peers need bfloat16 on CUDA (--dtypes bfloat16). Writes
+benchmarks/results/bench_moe_cuda.json unless --output says otherwise.
 """
 
 from __future__ import annotations
@@ -110,7 +118,7 @@ def build_layers(config: Config, dtype: torch.dtype, seed: int) -> tuple[moe_ext
 def tied_tokens(layer: moe_ext.MoE, x: Tensor) -> Tensor:
     """[T] bool: tokens whose k-th and (k+1)-th router logits are equal (any top-k may legally differ)."""
     if layer.top_k >= layer.num_experts:
-        return torch.zeros(x.shape[0], dtype=torch.bool)
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with torch.no_grad():
         logits = F.linear(x, layer.router.weight).float().sort(dim=-1, descending=True).values
     return logits[:, layer.top_k - 1] == logits[:, layer.top_k]
@@ -151,11 +159,15 @@ def check(name: str, module: nn.Module, layer: moe_ext.MoE, x: Tensor, grad: Ten
 FLOORS = ("floor", "floor[expert-parallel]")
 
 
-def floor_fns(floor: peers.GemmFloor, which: int) -> dict:
-    """The GEMM floor both ways: per-expert loop with threaded GEMMs, and experts spread over threads."""
+def floor_fns(floor: peers.GemmFloor, which: int, device: torch.device) -> dict:
+    """The GEMM floor both ways on CPU: per-expert loop with threaded GEMMs, and experts spread over threads.
+
+    On CUDA only the per-expert loop: the GEMMs queue on one stream, CPU threads have nothing to split."""
     if which == 0:
-        return {"floor": floor.forward, "floor[expert-parallel]": floor.forward_expert_parallel}
-    return {"floor": floor.forward_backward, "floor[expert-parallel]": floor.forward_backward_expert_parallel}
+        fns = {"floor": floor.forward, "floor[expert-parallel]": floor.forward_expert_parallel}
+    else:
+        fns = {"floor": floor.forward_backward, "floor[expert-parallel]": floor.forward_backward_expert_parallel}
+    return fns if device.type == "cpu" else {"floor": fns["floor"]}
 
 
 def step_fns(module: nn.Module, x: Tensor, grad: Tensor) -> tuple:
@@ -209,6 +221,7 @@ def profile_moe_ext(layer: moe_ext.MoE, x: Tensor, grad: Tensor, backward: bool,
 
 
 def bench_one(name: str, config: Config, dtype: torch.dtype, args) -> dict:
+    device = torch.device(args.device)
     lean, full = build_layers(config, dtype, args.seed)
     torch.manual_seed(args.seed + 1)
     x = torch.randn(config.tokens, config.hidden, dtype=dtype)
@@ -234,6 +247,9 @@ def bench_one(name: str, config: Config, dtype: torch.dtype, args) -> dict:
     modules = {"moe_ext": lean, "moe_ext+aux+stats": full}
     modules.update(peers.make_peers(lean, hf_impls=hf_impls or None, include=include))
     modules = {n: m for n, m in modules.items() if n in ("moe_ext", "moe_ext+aux+stats") or n in include}
+    if device.type != "cpu":  # every module built from the CPU layer first, so all start from the same weights
+        modules = {n: m.to(device) for n, m in modules.items()}
+        x, grad = x.to(device), grad.to(device)
     with_backward = not config.decode
 
     checks = {}
@@ -246,19 +262,21 @@ def bench_one(name: str, config: Config, dtype: torch.dtype, args) -> dict:
     floor = peers.GemmFloor(lean, x)
     fns = {n: step_fns(m, x, grad) for n, m in modules.items()}
     modes = {"forward": 0} | ({"forward+backward": 1} if with_backward else {})
-    results: dict[str, dict] = {n: {} for n in [*FLOORS, *modules]}
+    floors = list(floor_fns(floor, 0, device))
+    peak_bytes = _common.peak_tensor_bytes if device.type == "cpu" else _common.peak_cuda_bytes
+    results: dict[str, dict] = {n: {} for n in [*floors, *modules]}
     for mode, which in modes.items():
-        timed = floor_fns(floor, which)
+        timed = floor_fns(floor, which, device)
         timed.update({n: f[which] for n, f in fns.items()})
-        times = _common.time_interleaved(timed, repeats=args.repeats, warmup=args.warmup)
+        times = _common.time_interleaved(timed, repeats=args.repeats, warmup=args.warmup, device=device)
         for n, t in times.items():
-            if n in FLOORS:
+            if n in floors:
                 peak = floor.working_set_bytes(backward=bool(which))
             else:
-                peak = _common.peak_tensor_bytes(timed[n], getattr(timed[n], "reset_grads", None))
+                peak = peak_bytes(timed[n], getattr(timed[n], "reset_grads", None))
             results[n][mode] = {**t, "peak_bytes": peak}
         # the floor is the faster of the two ways to run the same GEMMs
-        floor_t = min(times[n]["median_s"] for n in FLOORS)
+        floor_t = min(times[n]["median_s"] for n in floors)
         ext_t = times["moe_ext"]["median_s"]
         floor_peak = results["floor"][mode]["peak_bytes"]
         for n in times:
@@ -267,6 +285,7 @@ def bench_one(name: str, config: Config, dtype: torch.dtype, args) -> dict:
             results[n][mode]["peak_vs_floor"] = results[n][mode]["peak_bytes"] / floor_peak if floor_peak else None
     out = {
         "config": dataclasses.asdict(config),
+        "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "active_gflop_forward": config.active_flops() / 1e9,
         "floor_gemm_calls_forward": 2 * (len(floor.groups) + (floor.shared is not None)),
@@ -340,8 +359,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="also profile moe_ext with torch.profiler")
-    parser.add_argument("--output", default="bench_moe.json", help="file name under benchmarks/results/")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="file name under benchmarks/results/ (bench_moe.json, on CUDA bench_moe_cuda.json)",
+    )
     args = parser.parse_args()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: cpu or cuda")
+    if device.type == "cuda":
+        _common.require_cuda(args.device, "bench_moe")
+        if args.profile:
+            parser.error("--profile records self CPU time per op: CPU only")
+    args.output = args.output or ("bench_moe.json" if device.type == "cpu" else "bench_moe_cuda.json")
     args.peers = [p.strip() for p in args.peers.split(",")] if args.peers else None
     torch.set_num_threads(args.threads)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -352,10 +387,10 @@ def main() -> None:
     if any(d not in _common.DTYPES for d in dtypes):
         parser.error(f"dtypes must be among {list(_common.DTYPES)}")
 
-    env = _common.environment()
+    env = _common.environment(device)
     print(
         f"torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads, "
-        f"{env['processor']}, load average {env['loadavg']}"
+        f"{env['processor']}, load average {env['loadavg']}" + (f", {env['gpu']}" if "gpu" in env else "")
     )
     start = time.perf_counter()
     runs = []
@@ -371,6 +406,7 @@ def main() -> None:
     payload = {
         "benchmark": "bench_moe",
         "quick": args.quick,
+        "device": str(device),
         "environment": env,
         "configs": {n: CONFIGS[n].about for n in names},
         "runs": runs,

@@ -20,6 +20,10 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,17 +42,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--checks", choices=["sync", "device"], default="sync", help="MOE_EXT_CUDA_CHECKS mode")
     p.add_argument("--json", help="also write the results to this file")
     return p.parse_args()
-
-
-def require_gpu(device: str) -> torch.device:
-    if not device.startswith("cuda"):
-        sys.exit(f"bench_ops_cuda: --device {device!r}: this script times CUDA kernels only (--device cuda)")
-    if not torch.cuda.is_available():
-        sys.exit(
-            f"bench_ops_cuda: no CUDA device available (torch {torch.__version__}, built with CUDA "
-            f"{torch.version.cuda or 'no'}): run it on a machine with an NVIDIA GPU and a CUDA build of torch"
-        )
-    return torch.device(device)
 
 
 def cuda_time(fn, repeats: int, warmup: int) -> dict:
@@ -70,7 +63,7 @@ def cuda_time(fn, repeats: int, warmup: int) -> dict:
 
 def main() -> None:
     args = parse_args()
-    device = require_gpu(args.device)
+    device = _common.require_cuda(args.device, "bench_ops_cuda")
     # Read by the extension at its first CUDA op: set before any op runs.
     os.environ["MOE_EXT_CUDA_CHECKS"] = args.checks
     import moe_ext  # noqa: F401  (loads the operator library)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole test run (what CI runs): set-up, the pytest suite, then the LibTorch CMake build and its
 # GoogleTest suites under ctest, then the CUDA compile check (every CUDA source through nvcc for sm_80 and
-# sm_90, warnings as errors; compiled, never linked or run: CI has no GPU), then the GoogleTest suites again
+# sm_90, warnings as errors; compiled, never linked or run: CI has no GPU), then the CUDA-torch stage
+# (scripts/cuda_torch_build.sh: a venv with the CUDA build of torch, moe_ext built with MOE_EXT_CUDA=1 and
+# linked as a GPU user gets it, its CUDA kernel registrations checked through the dispatcher without a GPU,
+# and the pytest suite run against that build), then the GoogleTest suites again
 # in a build with AddressSanitizer + UndefinedBehaviorSanitizer, and a time-bounded libFuzzer run of
 # tests/cpp/fuzz_plan.cpp (clang) from the seed corpus tests/cpp/fuzz_corpus. Every test stage runs even if
 # an earlier one failed; the exit code is non-zero if any stage failed.
@@ -9,7 +12,8 @@
 # Environment: PYTHON (interpreter, as in install.sh), JOBS (parallel build jobs, default: nproc),
 # CUDACXX (nvcc to use; default: nvcc on PATH, else /usr/local/cuda/bin/nvcc). Without nvcc the CUDA stage
 # is skipped on a developer machine and fails under CI=true. FUZZ_SECONDS (length of the fuzz run,
-# default 60).
+# default 60). The CUDA-torch stage reads its own settings (scripts/cuda_torch_build.sh); MOE_EXT_SKIP_CUDA_TORCH=1
+# skips it on a developer machine (CI=true fails instead).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -81,6 +85,16 @@ sanitize_build_and_test() {
     ctest --test-dir "$SANITIZE_DIR" --output-on-failure -j "$JOBS"
 }
 
+cuda_torch_stage() {
+  if [[ "${MOE_EXT_SKIP_CUDA_TORCH:-0}" == 1 ]]; then
+    echo "MOE_EXT_SKIP_CUDA_TORCH=1"
+    if [[ "${CI:-}" == true ]]; then return 1; fi
+    echo "---- skipped on this machine (CI fails here)"
+    return 0
+  fi
+  MAX_JOBS="$JOBS" BASE_PYTHON="$PYTHON" bash "$REPO/scripts/cuda_torch_build.sh"
+}
+
 # libFuzzer writes the inputs it finds to a scratch corpus (the committed seeds are only read) and a crashing
 # input to $FUZZ_DIR/crash-*; its log is $FUZZ_DIR/fuzz.log.
 fuzz_build_and_run() {
@@ -108,18 +122,18 @@ fuzz_build_and_run() {
   grep -E '^(INFO: seed corpus|#[0-9]+\s+INITED|stat::|Done [0-9]+ runs)' "$FUZZ_DIR/fuzz.log"
 }
 
-stage "1/7 set-up: scripts/install.sh"
+stage "1/8 set-up: scripts/install.sh"
 start=$SECONDS
 bash scripts/install.sh
 echo "---- set-up: ok in $((SECONDS - start)) s"
 
-stage "2/7 pytest: python -m pytest tests -q"
+stage "2/8 pytest: python -m pytest tests -q"
 run_stage pytest "$PYTHON" -m pytest tests -q
 
-stage "3/7 CMake: configure and build $BUILD_DIR (LibTorch library + GoogleTest suite)"
+stage "3/8 CMake: configure and build $BUILD_DIR (LibTorch library + GoogleTest suite)"
 run_stage cmake-build cmake_build
 
-stage "4/7 ctest: GoogleTest suite"
+stage "4/8 ctest: GoogleTest suite"
 if [[ " ${failed[*]} " == *" cmake-build "* ]]; then
   echo "---- ctest: skipped, the CMake build failed"
   failed+=(ctest)
@@ -127,13 +141,16 @@ else
   run_stage ctest ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$JOBS"
 fi
 
-stage "5/7 CUDA compile check: nvcc for sm_80 and sm_90, warnings as errors, in $CUDA_CHECK_DIR"
+stage "5/8 CUDA compile check: nvcc for sm_80 and sm_90, warnings as errors, in $CUDA_CHECK_DIR"
 run_stage cuda-compile-check cuda_compile_check
 
-stage "6/7 sanitizers: GoogleTest suites with ASan + UBSan in $SANITIZE_DIR"
+stage "6/8 CUDA torch: torch==${CUDA_TORCH_VERSION:-2.14.1} (CUDA) venv, MOE_EXT_CUDA=1 build, dispatcher check, pytest"
+run_stage cuda-torch cuda_torch_stage
+
+stage "7/8 sanitizers: GoogleTest suites with ASan + UBSan in $SANITIZE_DIR"
 run_stage sanitize sanitize_build_and_test
 
-stage "7/7 fuzz: libFuzzer on make_plan/dispatch/combine for $FUZZ_SECONDS s in $FUZZ_DIR (clang)"
+stage "8/8 fuzz: libFuzzer on make_plan/dispatch/combine for $FUZZ_SECONDS s in $FUZZ_DIR (clang)"
 run_stage fuzz fuzz_build_and_run
 
 echo
