@@ -204,3 +204,136 @@ def test_unservable_class_raises_naming_it():
     x, indices, weights, _ = _routing(torch.float32)
     with pytest.raises(ValueError, match=f"cannot serve {CLASSES[0].__name__}: gate_up_proj is torch.int8"):
         module(x, indices, weights)
+
+
+# ----- whole tiny models ------------------------------------------------------------------------------
+
+VOCAB = 64
+MODEL_SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    intermediate_size=24,
+    moe_intermediate_size=8,
+    shared_expert_intermediate_size=8,
+    num_experts=4,
+    n_routed_experts=4,
+    num_local_experts=4,
+    moe_num_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=0,
+    n_group=1,
+    topk_group=1,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+# family -> config fields beyond MODEL_SIZES. Together they cover the layouts: interleaved, transposed,
+# biased and clamped (GPT-OSS), has_gate=False (Nemotron-H), a clamped SwiGLU (DeepSeek-V4), the plain
+# SwiGLU of the rest; shared experts, sigmoid and grouped routers, hybrid attention.
+MODEL_FAMILIES = {
+    "mixtral": {},
+    "qwen2_moe": {},
+    "qwen3_moe": {},
+    "olmoe": {},
+    "deepseek_v3": dict(
+        head_dim=4, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, kv_lora_rank=8, q_lora_rank=None
+    ),
+    "deepseek_v4": {},
+    "gpt_oss": {},
+    "glm4_moe": {},
+    "granitemoe": {},
+    "granitemoeshared": {},
+    "hunyuan_v1_moe": {},
+    "ernie4_5_moe": {},
+    "dots1": {},
+    "phimoe": {},
+    "flex_olmo": {},
+    "exaone_moe": {},
+    "solar_open": {},
+    "minimax": {},
+    "minimax_m2": {},
+    "nemotron_h": dict(layers_block_type=["moe", "full_attention"]),  # no Mamba layer: its reference code is slow
+    "cohere2_moe": {},
+    "mimo_v2_flash": {},
+}
+
+
+def _tiny_model(family: str):
+    config = transformers.AutoConfig.for_model(family, **{**MODEL_SIZES, **MODEL_FAMILIES[family]})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    experts = [m for m in model.modules() if type(m) in set(CLASSES)]
+    assert experts, f"{family}: no decorated experts module in the tiny model"
+    with torch.no_grad():  # some families initialize their experts to zero: make every expert count
+        for module in experts:
+            for param in module.parameters():
+                param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def _logits(model, ids, implementation: str):
+    model.set_experts_implementation(implementation)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _training_gradients(model, ids, implementation: str) -> dict:
+    model.set_experts_implementation(implementation)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)  # the same draws for routers that sample in training (PhiMoE's sparsemixer)
+    model(ids, labels=ids).loss.backward()
+    model.eval()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def count_backend_calls(monkeypatch):
+    """Counts the calls that reach moe_ext's experts forward through transformers' interface."""
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return experts_forward(module, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "moe_ext", counting)
+    return calls
+
+
+@pytest.mark.parametrize("family", sorted(MODEL_FAMILIES))
+def test_tiny_model_matches_eager(family, tmp_path, count_backend_calls):
+    model = _tiny_model(family)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+
+    eager = _logits(model, ids, "eager")
+    assert not count_backend_calls
+    served = _logits(model, ids, "moe_ext")
+    assert count_backend_calls, f"{family}: the moe_ext experts implementation never ran"
+    torch.testing.assert_close(served, eager, rtol=1e-5, atol=1e-5)
+
+    eager_grads = _training_gradients(model, ids, "eager")
+    served_grads = _training_gradients(model, ids, "moe_ext")
+    assert served_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(served_grads[name], grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+    generated = {}
+    for implementation in ("eager", "moe_ext"):
+        model.set_experts_implementation(implementation)
+        generated[implementation] = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(generated["moe_ext"], generated["eager"])
+
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, experts_implementation="moe_ext").eval()
+    assert loaded.config._experts_implementation == "moe_ext"
+    calls = len(count_backend_calls)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, served, rtol=1e-6, atol=1e-6)
+    assert len(count_backend_calls) > calls
