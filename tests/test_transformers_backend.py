@@ -170,6 +170,8 @@ def test_experts_match_eager(cls, dtype, tolerance):
     layout = experts_layout(module)
     if cls.__name__ in OWN_GATE:
         assert layout.activation == module._apply_gate
+    elif module.has_gate and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation", "function"):
+        assert layout.activation == "swiglu"  # the plain SwiGLU: moe_ext's fused op
     routing = _routing(dtype, seed=len(cls.__name__))
     eager = _run(module, "eager", *routing)
     served = _run(module, "moe_ext", *routing)

@@ -70,7 +70,7 @@ def _is_default_gate(module: nn.Module) -> bool:
 def _is_silu(act: object) -> bool:
     from transformers.activations import SiLUActivation
 
-    return type(act) in (nn.SiLU, SiLUActivation)
+    return act is nn.functional.silu or type(act) in (nn.SiLU, SiLUActivation)
 
 
 def _activation(module: nn.Module) -> str | Callable[[Tensor], Tensor]:
