@@ -23,15 +23,19 @@ def expert_ffn(
     w_out: Tensor,
     b_in: Tensor | None = None,
     b_out: Tensor | None = None,
-    activation: str = "swiglu",
+    activation: str | Callable[[Tensor], Tensor] = "swiglu",
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
 ) -> Tensor:
-    """Rows grouped by expert (``offsets`` [E + 1]) -> act(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]."""
+    """Rows grouped by expert (``offsets`` [E + 1]) -> act(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e].
+
+    ``activation`` is a name (see :class:`Experts`) or a function of the rows [N, in width] -> [N, F]
+    (a model's own gate, e.g. a clamped or softcapped SwiGLU, run on the grouped rows).
+    """
     h = ops.grouped_mm(x_sorted, w_in, offsets)
     if b_in is not None:
         h = h + _per_row(b_in, offsets, h.shape[0])
-    h = activate(activation, h, swiglu_alpha, swiglu_limit)
+    h = activation(h) if callable(activation) else activate(activation, h, swiglu_alpha, swiglu_limit)
     y = ops.grouped_mm(h, w_out, offsets)
     if b_out is not None:
         y = y + _per_row(b_out, offsets, y.shape[0])

@@ -1,4 +1,5 @@
-"""Swaps the sparse MoE blocks of Hugging Face transformers models for moe_ext layers, and back.
+"""Swaps the sparse MoE blocks of Hugging Face transformers models for moe_ext layers, and back; importing it
+registers the ``"moe_ext"`` experts implementation (:mod:`moe_ext.integrations.transformers_experts`).
 
     from moe_ext.integrations.transformers import swap_moe_layers, unswap_moe_layers
 
@@ -37,8 +38,19 @@ from torch import Tensor, nn
 
 from ..convert import replace_modules
 from ..layer import MoE
+from .transformers_experts import EXPERTS_IMPLEMENTATION, experts_forward, register_experts_implementation
 
-__all__ = ["MoEBlock", "RouterOutputs", "supported_families", "swap_moe_layers", "unswap_moe_layers"]
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "MoEBlock",
+    "RouterOutputs",
+    "experts_forward",
+    "supported_families",
+    "swap_moe_layers",
+    "unswap_moe_layers",
+]
+
+register_experts_implementation()
 
 _HOOK_DICTS = (
     "_forward_hooks",
