@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import routing
+from . import ops, routing
 from .aux_loss import AuxLossInjector, weighted_aux_loss
 from .expert_control import ExpertControl
 from .experts import Experts, check_expert_sizes
@@ -339,9 +339,10 @@ class MoE(ExpertControl, Experts):
             y = y + self._shared_expert(tokens)
         y = self._add_aux_loss(y, logits, scores, indices, weights, leading_shape)
         self._record(plan, indices, weights, scores, leading_shape)
+        y = ops.as_output(y, x.shape)  # not a view: see ops.as_output
         if return_routing:
-            return y.reshape(x.shape), Routing(logits.routed, weights, indices)
-        return y.reshape(x.shape)
+            return y, Routing(logits.routed, weights, indices)
+        return y
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):

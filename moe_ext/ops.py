@@ -13,6 +13,7 @@ _library.load()
 
 __all__ = [
     "RoutingPlan",
+    "as_output",
     "topk_gating",
     "make_plan",
     "expert_choice_plan",
@@ -142,6 +143,20 @@ def grouped_mm(x_sorted: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     return torch.ops.moe_ext.grouped_mm(x_sorted, w, offsets)
 
 
+def as_output(y: Tensor, shape) -> Tensor:
+    """``y`` reshaped to ``shape``, as a tensor of its own to autograd (``_base`` is None), not a view.
+
+    A module that returns a view lets an in-place op on its output (``h += layer(x)``) replace the
+    output's autograd node, and with it any hook a wrapper put on the output: FSDP2's pre-backward
+    all-gather is such a hook (it warns "returned a view tensor"). Like torch's own matmul, this
+    shares ``y``'s storage without a copy (``aten._unsafe_view``); ``y`` must be a fresh result that
+    nothing else holds or saved for backward.
+    """
+    if y._base is None and y.shape == shape:
+        return y
+    return torch.ops.aten._unsafe_view(y, shape)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [..., in] @ weight[out, in]^T (+ bias [out]) -> [..., out]: ``torch.nn.functional.linear``.
 
@@ -159,7 +174,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if x.dim() == 0:
         raise ValueError("moe_ext: x must have shape [..., in], got a 0-d tensor")
     y = torch.ops.moe_ext.linear(x.reshape(-1, x.shape[-1]), weight, bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return as_output(y, (*x.shape[:-1], y.shape[-1]))
 
 
 def combine(y_sorted: Tensor, weights: Tensor, plan: RoutingPlan) -> Tensor:

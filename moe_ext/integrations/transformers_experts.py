@@ -160,7 +160,7 @@ def experts_forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tenso
     routing_weights = top_k_weights.reshape(indices.shape)
     if layout.float32:
         routing_weights = routing_weights.float()
-    return ops.combine(y_sorted, routing_weights, plan).to(hidden_states.dtype).reshape(shape)
+    return ops.as_output(ops.combine(y_sorted, routing_weights, plan).to(hidden_states.dtype), shape)
 
 
 def register_experts_implementation() -> bool:
