@@ -4,7 +4,7 @@
 # sm_90, warnings as errors; compiled, never linked or run: CI has no GPU), then the CUDA-torch stage
 # (scripts/cuda_torch_build.sh: a venv with the CUDA build of torch, moe_ext built with MOE_EXT_CUDA=1 and
 # linked as a GPU user gets it, its CUDA kernel registrations checked through the dispatcher without a GPU,
-# and the pytest suite run against that build), then the GoogleTest suites again
+# and the pytest suite, less its slowest orchestration files, run against that build), then the GoogleTest suites again
 # in a build with AddressSanitizer + UndefinedBehaviorSanitizer, and a time-bounded libFuzzer run of
 # tests/cpp/fuzz_plan.cpp (clang) from the seed corpus tests/cpp/fuzz_corpus. Every test stage runs even if
 # an earlier one failed; the exit code is non-zero if any stage failed.
