@@ -78,6 +78,14 @@ class MoE(ExpertControl, Experts):
         bias_update_rate: aux-loss-free balancing (DeepSeek-V3): after each
             training forward, selection_bias += rate * sign(mean load - load_e),
             outside autograd. Needs selection_bias=True.
+        bias_update_group: the process group whose token loads drive that update:
+            the loads are summed over it, so every rank of it holds the same bias.
+            None = ``expert_parallel_group`` (this process's own loads without
+            one). With data parallelism (DDP, FSDP, or expert parallelism inside
+            data-parallel replicas), pass the group of every rank that holds the
+            layer (``dist.group.WORLD``): otherwise each replica's bias follows
+            its own tokens, and DDP's buffer broadcast then gives every rank
+            rank 0's.
         seq_aux_loss_coef: weight of DeepSeek-V3's sequence-wise balance loss
             (sequences = the input's second-to-last dim).
         shared_expert_size: F of an always-on dense shared expert (0 = none);
@@ -148,6 +156,7 @@ class MoE(ExpertControl, Experts):
         random_routing: bool = False,
         selection_bias: bool = False,
         bias_update_rate: float = 0.0,
+        bias_update_group: dist.ProcessGroup | None = None,
         seq_aux_loss_coef: float = 0.0,
         shared_expert_size: int = 0,
         shared_expert_gate: bool = False,
@@ -181,6 +190,13 @@ class MoE(ExpertControl, Experts):
             raise ValueError("MoE: random_routing (GShard) needs top_k=2 and a capacity_factor")
         if bias_update_rate and not selection_bias:
             raise ValueError("MoE: bias_update_rate needs selection_bias=True")
+        if bias_update_group is not None and not isinstance(bias_update_group, dist.ProcessGroup):
+            raise TypeError(
+                "MoE: bias_update_group must be a torch.distributed ProcessGroup, "
+                f"got {type(bias_update_group).__name__}"
+            )
+        if bias_update_group is not None and not bias_update_rate:
+            raise ValueError("MoE: bias_update_group needs bias_update_rate (the update it synchronizes)")
         if not 0.0 <= router_jitter < 1.0:
             raise ValueError(f"MoE: router_jitter must be in [0, 1), got {router_jitter!r}")
         if load_loss_coef and not noisy_gating:
@@ -239,6 +255,7 @@ class MoE(ExpertControl, Experts):
         self.aux_loss_type = aux_loss_type
         self.random_routing = random_routing
         self.bias_update_rate = float(bias_update_rate)
+        self.bias_update_group = bias_update_group
         self.seq_aux_loss_coef = float(seq_aux_loss_coef)
         self.generator = generator
 
@@ -390,10 +407,11 @@ class MoE(ExpertControl, Experts):
         )
         if self.bias_update_rate and self.training:
             counts = plan.counts
-            if self.expert_parallel_group is not None:
+            group = self.bias_update_group if self.bias_update_group is not None else self.expert_parallel_group
+            if group is not None:
                 # The bias is replicated: update it from the loads of the whole group, the same on every rank.
                 counts = counts.clone()
-                dist.all_reduce(counts, group=self.expert_parallel_group)
+                dist.all_reduce(counts, group=group)
             routing.balance_bias_update(self.selection_bias, counts, self.bias_update_rate)
         return weights, indices, scores, plan
 

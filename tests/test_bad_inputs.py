@@ -658,3 +658,16 @@ if __name__ == "__main__":
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(render_doc())
     print(f"wrote {DOC}", file=sys.stderr)
+
+
+def test_bias_update_group_is_checked():
+    with pytest.raises(TypeError, match="bias_update_group must be a torch.distributed ProcessGroup, got str"):
+        moe_ext.MoE(8, 16, 4, selection_bias=True, bias_update_rate=0.01, bias_update_group="world")
+    with pytest.raises(ValueError, match="bias_update_group needs bias_update_rate"):
+        moe_ext.MoE(
+            8,
+            16,
+            4,
+            selection_bias=True,
+            bias_update_group=torch.distributed.ProcessGroup.__new__(torch.distributed.ProcessGroup),
+        )

@@ -115,12 +115,14 @@ DDP_TRAINING_BODY = (
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 ep_size = int(os.environ["EP_SIZE"])
-rate = 0.01 if ep_size == world else 0.0  # the bias follows one expert-parallel group's loads
+# With data-parallel replicas of the expert-parallel groups, the bias follows the loads of every rank.
+bias_group = dist.group.WORLD if ep_size < world else None
 
 def make_model(group=None):
     torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(6, H), build(dict(top_k=2, bias_update_rate=rate,
-                               selection_bias=True, shared_expert_size=8), False, group), torch.nn.Linear(H, 3))
+    return torch.nn.Sequential(torch.nn.Linear(6, H), build(dict(top_k=2, bias_update_rate=0.01,
+                               bias_update_group=bias_group, selection_bias=True, shared_expert_size=8), False,
+                               group), torch.nn.Linear(H, 3))
 
 def batch(step, r):
     g = torch.Generator().manual_seed(1000 * step + r)
@@ -149,6 +151,7 @@ state = moe_dist.full_state_dict(model)
 if rank == 0:
     torch.save(state, out / "ep_state.pt")
 (out / f"norms{rank}.json").write_text(json.dumps(norms))
+(out / f"bias{rank}.json").write_text(json.dumps(model[1].selection_bias.tolist()))
 """
 )
 
@@ -181,13 +184,16 @@ def test_ddp_dense_and_expert_parallel_training_matches_single_process(tmp_path,
             counts += layer.last_stats.tokens_per_expert
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)))
         opt.step()
-        if ep_size == world:  # the expert-parallel layers update their shared bias from the whole group's loads
-            moe_ext.routing.balance_bias_update(layer.selection_bias, counts, 0.01)
+        # the layers update their shared bias from the loads of every rank's tokens
+        moe_ext.routing.balance_bias_update(layer.selection_bias, counts, 0.01)
     expected = model.state_dict()
     assert trained.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(trained[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert (layer.selection_bias.abs().sum() > 0) == (ep_size == world)  # the bias did move
+    assert layer.selection_bias.abs().sum() > 0  # the bias did move
+    for rank in range(world):  # every rank holds that bias, not only rank 0 (DDP's broadcast) or its own block
+        bias = torch.tensor(json.loads((tmp_path / f"bias{rank}.json").read_text()))
+        torch.testing.assert_close(bias, layer.selection_bias, rtol=0, atol=0, msg=f"selection_bias on rank {rank}")
     for rank in range(world):  # the same clipping norm on every rank, as on one process (and it did clip)
         ep_norms = json.loads((tmp_path / f"norms{rank}.json").read_text())
         torch.testing.assert_close(torch.tensor(ep_norms), torch.tensor(norms), rtol=1e-5, atol=1e-6)
