@@ -10,7 +10,11 @@ registers the ``"moe_ext"`` experts implementation (:mod:`moe_ext.integrations.t
     model.save_pretrained(out)   # a checkpoint the original model class loads
 
 Supported blocks (each where the installed transformers has it): Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE, DeepSeek-V3 and GPT-OSS. A swapped block is a :class:`MoEBlock`: its
+Qwen3-MoE, Qwen3-Next, OLMoE, FlexOlmo, DeepSeek-V2 (greedy top-k), DeepSeek-V3, GLM-4.5,
+dots1, EXAONE-MoE, Solar-Open, MiMo-V2-Flash, GPT-OSS, MiniMax, GraniteMoE,
+GraniteMoeShared, Ernie 4.5 MoE, Hunyuan-V1-MoE and Cohere2-MoE (shared experts summed);
+:func:`supported_families` lists them. A setting a family's router has and moe_ext does not
+reproduce raises a ``ValueError`` naming it. A swapped block is a :class:`MoEBlock`: its
 ``moe`` is a :class:`moe_ext.MoE` configured to reproduce the block's math (routing,
 shared expert, biases, activation) and holding its weights, and it returns what the
 block returned (GPT-OSS: also the router scores).
@@ -70,15 +74,19 @@ class _Family:
     block: str  # class name of the sparse MoE block
     router: str  # attribute of the router submodule inside the block
     routing: Callable[[nn.Module], dict]  # router module -> MoE routing keywords
-    shared_expert: str | None = None  # attribute of an always-on dense MLP
+    router_weight: str = "weight"  # path of the [E, H] router weight inside the router
+    selection_bias: str = "e_score_correction_bias"  # path of the selection-only bias (selection_bias=True)
+    shared_expert: str | None = None  # attribute of an always-on dense MLP (the block may hold None there)
     shared_expert_gate: str | None = None  # attribute of its sigmoid gate (Linear(H, 1))
     returns_router_scores: bool = False  # forward returns (hidden_states, router_scores)
     weights_in_logits_dtype: bool = True  # the router casts its top-k weights to the logits' dtype
     jitter_attr: str | None = None  # attribute of the block's input jitter (Mixtral)
+    check: Callable[[nn.Module], None] | None = None  # raises ValueError for a block setting moe_ext lacks
 
 
 def _softmax_routing(renormalize: bool | None = None) -> Callable[[nn.Module], dict]:
-    """Softmax over all experts, top-k; renormalized always (Mixtral) or per ``router.norm_topk_prob``."""
+    """Softmax over all experts, top-k; renormalized always (Mixtral, MiniMax; GraniteMoE's softmax over the
+    top-k logits is the same) or per ``router.norm_topk_prob``."""
 
     def routing(router: nn.Module) -> dict:
         normalize = renormalize if renormalize is not None else bool(router.norm_topk_prob)
@@ -88,7 +96,9 @@ def _softmax_routing(renormalize: bool | None = None) -> Callable[[nn.Module], d
 
 
 def _deepseek_v3_routing(router: nn.Module) -> dict:
-    # fp32 router logits, sigmoid scores, e_score_correction_bias for selection only, group-limited top-k.
+    # fp32 router logits, sigmoid scores, e_score_correction_bias for selection only, group-limited top-k
+    # (a group scores the sum of its best two biased scores). GLM-4.5, dots1, EXAONE-MoE, Solar-Open and
+    # MiMo-V2-Flash use this router verbatim.
     return dict(
         top_k=int(router.top_k),
         score_func="sigmoid",
@@ -99,6 +109,63 @@ def _deepseek_v3_routing(router: nn.Module) -> dict:
         selection_bias=True,
         router_dtype=torch.float32,
     )
+
+
+def _deepseek_v2_routing(router: nn.Module) -> dict:
+    # fp32 logits, softmax over all experts, top-k weights times routed_scaling_factor, never renormalized.
+    if router.topk_method != "greedy":
+        raise ValueError(
+            f"swap_moe_layers: DeepSeek-V2 topk_method={router.topk_method!r} scores a group by its best "
+            "expert; moe_ext's group-limited routing scores a group by its best two (DeepSeek-V3), so only "
+            "topk_method='greedy' is reproduced"
+        )
+    return dict(
+        top_k=int(router.top_k),
+        score_func="softmax",
+        normalize_weights=False,
+        routed_scaling_factor=float(router.routed_scaling_factor),
+        router_dtype=torch.float32,
+    )
+
+
+def _ernie_routing(router: nn.Module) -> dict:
+    # fp32 softmax; moe_statics.e_score_correction_bias picks the experts only; the k weights are divided by
+    # max(their sum, norm_min): their sum is at least k / E, so norm_min (1e-12) never binds.
+    return dict(
+        top_k=int(router.top_k),
+        score_func="softmax",
+        normalize_weights=True,
+        selection_bias=True,
+        router_dtype=torch.float32,
+    )
+
+
+def _hunyuan_routing(router: nn.Module) -> dict:
+    # Softmax over all experts, top-k, renormalized; a float32 ``wg`` computes in float32.
+    fp32 = router.wg.weight.dtype == torch.float32
+    return dict(
+        top_k=int(router.top_k),
+        score_func="softmax",
+        normalize_weights=True,
+        router_dtype=torch.float32 if fp32 else None,
+    )
+
+
+def _cohere2_routing(router: nn.Module) -> dict:
+    # Top-k of the logits, then softmax over those k (== softmax over all, renormalized) or sigmoid of those k
+    # (renormalized per norm_topk_prob): a monotone score picks the same experts as the logits.
+    if router.expert_selection_fn == "softmax":
+        return dict(top_k=int(router.top_k), score_func="softmax", normalize_weights=True)
+    return dict(top_k=int(router.top_k), score_func="sigmoid", normalize_weights=bool(router.norm_topk_prob))
+
+
+def _cohere2_check(block: nn.Module) -> None:
+    if block.num_shared_experts > 0 and block.shared_expert_combination_strategy != "sum":
+        raise ValueError(
+            f"swap_moe_layers: Cohere2-MoE shared_expert_combination_strategy="
+            f"{block.shared_expert_combination_strategy!r} halves the layer output; moe_ext adds the shared "
+            "expert (only 'sum' is reproduced)"
+        )
 
 
 def _gpt_oss_routing(router: nn.Module) -> dict:
@@ -116,6 +183,31 @@ _FAMILIES = (
     _Family("deepseek_v3", "deepseek_v3", "DeepseekV3MoE", "gate", _deepseek_v3_routing,
             shared_expert="shared_experts", weights_in_logits_dtype=False),
     _Family("gpt_oss", "gpt_oss", "GptOssMLP", "router", _gpt_oss_routing, returns_router_scores=True),
+    _Family("glm4_moe", "glm4_moe", "Glm4MoeMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("dots1", "dots1", "Dots1MoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("exaone_moe", "exaone_moe", "ExaoneMoeSparseMoEBlock", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("solar_open", "solar_open", "SolarOpenMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("mimo_v2_flash", "mimo_v2_flash", "MiMoV2FlashMoE", "gate", _deepseek_v3_routing,
+            weights_in_logits_dtype=False),
+    _Family("deepseek_v2", "deepseek_v2", "DeepseekV2Moe", "gate", _deepseek_v2_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("qwen3_next", "qwen3_next", "Qwen3NextSparseMoeBlock", "gate", _softmax_routing(),
+            shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    _Family("flex_olmo", "flex_olmo", "FlexOlmoSparseMoeBlock", "gate", _softmax_routing()),
+    _Family("minimax", "minimax", "MiniMaxSparseMoeBlock", "gate", _softmax_routing(True),
+            weights_in_logits_dtype=False, jitter_attr="jitter_noise"),
+    _Family("granitemoe", "granitemoe", "GraniteMoeMoE", "router", _softmax_routing(True)),
+    _Family("granitemoeshared", "granitemoeshared", "GraniteMoeSharedMoE", "router", _softmax_routing(True)),
+    _Family("ernie4_5_moe", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", "gate", _ernie_routing,
+            selection_bias="moe_statics.e_score_correction_bias", shared_expert="shared_experts"),
+    _Family("hunyuan_v1_moe", "hunyuan_v1_moe", "HunYuanMoEV1Moe", "gate", _hunyuan_routing,
+            router_weight="wg.weight", shared_expert="shared_mlp"),
+    _Family("cohere2_moe", "cohere2_moe", "Cohere2MoeSparseMoeBlock", "gate", _cohere2_routing,
+            shared_expert="shared_experts", check=_cohere2_check),
 )  # fmt: skip
 
 
@@ -320,6 +412,12 @@ def _install_output_capture_hooks(model: nn.Module) -> None:
     visit(model)
 
 
+def _lookup(module: nn.Module, path: str) -> Tensor:
+    """The parameter or buffer at dotted ``path`` inside ``module``."""
+    owner, _, name = path.rpartition(".")
+    return getattr(module.get_submodule(owner), name)
+
+
 def _to_meta(module: nn.Module) -> nn.Module:
     """Moves the parameters and saved buffers of ``module`` to the meta device (in place), freeing their memory."""
     for sub in module.modules():
@@ -332,23 +430,30 @@ def _to_meta(module: nn.Module) -> nn.Module:
     return module
 
 
+def _shared_expert(family: _Family, block: nn.Module) -> nn.Module | None:
+    return getattr(block, family.shared_expert) if family.shared_expert is not None else None
+
+
 def _build_moe(family: _Family, block: nn.Module) -> MoE:
+    if family.check is not None:
+        family.check(block)
     router = getattr(block, family.router)
+    router_weight = router.get_parameter(family.router_weight)
     options, params = _read_experts(block.experts)
     num_experts, ffn_hidden_size, hidden_size = params["w_out"].shape  # [E, F, H]
-    if router.weight.shape != (num_experts, hidden_size):
+    if router_weight.shape != (num_experts, hidden_size):
         raise ValueError(
-            f"swap_moe_layers: {type(block).__name__}.{family.router}.weight has shape {tuple(router.weight.shape)}, "
-            f"expected [num_experts = {num_experts}, hidden = {hidden_size}]"
+            f"swap_moe_layers: {type(block).__name__}.{family.router}.{family.router_weight} has shape "
+            f"{tuple(router_weight.shape)}, expected [num_experts = {num_experts}, hidden = {hidden_size}]"
         )
     options.update(family.routing(router))
-    params["router.weight"] = router.weight
+    params["router.weight"] = router_weight
     if options.get("router_bias"):
         params["router.bias"] = router.bias
     if options.get("selection_bias"):
-        params["selection_bias"] = router.e_score_correction_bias
-    if family.shared_expert is not None:
-        shared = getattr(block, family.shared_expert)
+        params["selection_bias"] = _lookup(router, family.selection_bias).reshape(num_experts)
+    shared = _shared_expert(family, block)
+    if shared is not None:
         gate, up, down = _mlp_layout(shared)
         if _gated_activation(shared.act_fn, type(shared).__name__) != options["activation"]:
             raise ValueError("swap_moe_layers: the shared expert's activation differs from the experts'")
@@ -408,13 +513,14 @@ def unswap_moe_layers(model: nn.Module) -> int:
     def build(_name: str, swapped: MoEBlock) -> nn.Module:
         family, moe, original = families[swapped.family], swapped.moe, swapped._original
         state = _write_experts(original.experts, moe, "experts.")
-        state[f"{family.router}.weight"] = moe.router.weight.detach()
+        state[f"{family.router}.{family.router_weight}"] = moe.router.weight.detach()
         if moe.router.bias is not None:
             state[f"{family.router}.bias"] = moe.router.bias.detach()
         if moe.selection_bias is not None:
-            state[f"{family.router}.e_score_correction_bias"] = moe.selection_bias
-        if family.shared_expert is not None:
-            shared = getattr(original, family.shared_expert)
+            shape = _lookup(getattr(original, family.router), family.selection_bias).shape
+            state[f"{family.router}.{family.selection_bias}"] = moe.selection_bias.reshape(shape)
+        shared = _shared_expert(family, original)
+        if shared is not None:
             names = ("gate_proj", "up_proj", "down_proj") if hasattr(shared, "gate_proj") else ("w1", "w3", "w2")
             gate, up = moe.shared_expert.w_in.weight.detach().chunk(2, dim=0)
             for name, weight in zip(names, (gate, up, moe.shared_expert.w_out.weight.detach()), strict=True):
