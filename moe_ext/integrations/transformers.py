@@ -42,7 +42,12 @@ from torch import Tensor, nn
 
 from ..convert import replace_modules
 from ..layer import MoE
-from .transformers_experts import EXPERTS_IMPLEMENTATION, experts_forward, register_experts_implementation
+from .transformers_experts import (
+    EXPERTS_IMPLEMENTATION,
+    experts_forward,
+    is_default_gate,
+    register_experts_implementation,
+)
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -75,7 +80,9 @@ class _Family:
     router: str  # attribute of the router submodule inside the block
     routing: Callable[[nn.Module], dict]  # router module -> MoE routing keywords
     router_weight: str = "weight"  # path of the [E, H] router weight inside the router
-    selection_bias: str = "e_score_correction_bias"  # path of the selection-only bias (selection_bias=True)
+    selection_bias: str | None = (
+        None  # path in the block of the selection-only bias; None: <router>.e_score_correction_bias
+    )
     shared_expert: str | None = None  # attribute of an always-on dense MLP (the block may hold None there)
     shared_expert_gate: str | None = None  # attribute of its sigmoid gate (Linear(H, 1))
     returns_router_scores: bool = False  # forward returns (hidden_states, router_scores)
@@ -159,6 +166,67 @@ def _cohere2_routing(router: nn.Module) -> dict:
     return dict(top_k=int(router.top_k), score_func="sigmoid", normalize_weights=bool(router.norm_topk_prob))
 
 
+def _sigmoid_routing(scale: str | None = None, normalize: bool | None = None, fp32: bool = False):
+    """Sigmoid scores, a selection-only bias, no groups (MiniMax-M2, AFMoE, HY-V3, Laguna, Flint): renormalized
+    always or per ``router.norm_topk_prob``, times ``router.<scale>``; ``fp32``: a float32 router matmul."""
+
+    def routing(router: nn.Module) -> dict:
+        return dict(
+            top_k=int(router.top_k),
+            score_func="sigmoid",
+            normalize_weights=normalize if normalize is not None else bool(router.norm_topk_prob),
+            routed_scaling_factor=float(getattr(router, scale)) if scale else 1.0,
+            selection_bias=True,
+            router_dtype=torch.float32 if fp32 else None,
+        )
+
+    return routing
+
+
+def _flint_routing(router: nn.Module) -> dict:
+    return {**_sigmoid_routing(fp32=True)(router), "selection_bias": False}
+
+
+def _mistral4_routing(fp32: bool, normalize: bool | None = None) -> Callable[[nn.Module], dict]:
+    """Softmax scores, groups scored by their best two, top-k weights renormalized and scaled. The experts of
+    the dropped groups are masked to 0.0 (not -inf): the same picks while the kept groups hold top_k experts."""
+
+    def routing(router: nn.Module) -> dict:
+        group_size = router.num_experts // router.num_group
+        if router.topk_group * group_size < router.top_k:
+            raise ValueError(
+                f"swap_moe_layers: {type(router).__name__} keeps {router.topk_group} groups of {group_size} experts, "
+                f"fewer than top_k = {router.top_k}; transformers then picks masked experts, moe_ext does not"
+            )
+        return dict(
+            top_k=int(router.top_k),
+            score_func="softmax",
+            normalize_weights=normalize if normalize is not None else bool(router.norm_topk_prob),
+            routed_scaling_factor=float(router.routed_scaling_factor),
+            n_group=int(router.num_group),
+            topk_group=int(router.topk_group),
+            router_dtype=torch.float32 if fp32 else None,
+        )
+
+    return routing
+
+
+def _laguna_check(block: nn.Module) -> None:
+    if block.gate.router_logit_softcapping > 0:
+        raise ValueError(
+            "swap_moe_layers: Laguna router_logit_softcapping > 0 softcaps the router logits (tanh); moe_ext's "
+            "gating takes the logits as they are"
+        )
+
+
+def _hy_v3_check(block: nn.Module) -> None:
+    if block.enable_moe_fp32_combine and block.experts.gate_up_proj.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            "swap_moe_layers: HY-V3 enable_moe_fp32_combine adds the routed and shared outputs in float32; moe_ext "
+            "adds them in the layer's dtype (the same only for float32/float64 weights)"
+        )
+
+
 def _cohere2_check(block: nn.Module) -> None:
     if block.num_shared_experts > 0 and block.shared_expert_combination_strategy != "sum":
         raise ValueError(
@@ -203,11 +271,58 @@ _FAMILIES = (
     _Family("granitemoe", "granitemoe", "GraniteMoeMoE", "router", _softmax_routing(True)),
     _Family("granitemoeshared", "granitemoeshared", "GraniteMoeSharedMoE", "router", _softmax_routing(True)),
     _Family("ernie4_5_moe", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", "gate", _ernie_routing,
-            selection_bias="moe_statics.e_score_correction_bias", shared_expert="shared_experts"),
+            selection_bias="gate.moe_statics.e_score_correction_bias", shared_expert="shared_experts"),
     _Family("hunyuan_v1_moe", "hunyuan_v1_moe", "HunYuanMoEV1Moe", "gate", _hunyuan_routing,
             router_weight="wg.weight", shared_expert="shared_mlp"),
     _Family("cohere2_moe", "cohere2_moe", "Cohere2MoeSparseMoeBlock", "gate", _cohere2_routing,
             shared_expert="shared_experts", check=_cohere2_check),
+    _Family("mellum", "mellum", "MellumSparseMoeBlock", "gate", _softmax_routing()),
+    _Family("jamba", "jamba", "JambaSparseMoeBlock", "router", _softmax_routing(False)),
+    _Family("granitemoe_swa", "granitemoe_swa", "GraniteMoeSWAMoE", "router", _softmax_routing(True)),
+    _Family("granitemoehybrid", "granitemoehybrid", "GraniteMoeHybridMoE", "router", _softmax_routing(True)),
+    _Family("aria", "aria", "AriaTextMoELayer", "router", _softmax_routing(True), shared_expert="shared_experts"),
+    _Family("qwen3_5_moe", "qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", "gate", _softmax_routing(True),
+            shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    _Family("qwen3_vl_moe", "qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", "gate", _softmax_routing(True)),
+    _Family("qwen4_exp", "qwen4_exp", "Qwen4ExpTextSparseMoeBlock", "gate", _softmax_routing(),
+            shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    _Family("qwen3_omni_moe_thinker", "qwen3_omni_moe", "Qwen3OmniMoeThinkerTextSparseMoeBlock", "gate",
+            _softmax_routing()),
+    _Family("qwen3_omni_moe_talker", "qwen3_omni_moe", "Qwen3OmniMoeTalkerTextSparseMoeBlock", "gate",
+            _softmax_routing(), shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    _Family("glm4_moe_lite", "glm4_moe_lite", "Glm4MoeLiteMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("glm4v_moe", "glm4v_moe", "Glm4vMoeTextMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("glm_moe_dsa", "glm_moe_dsa", "GlmMoeDsaMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("deepseek_v32", "deepseek_v32", "DeepseekV32MoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("kimi_linear", "kimi_linear", "KimiLinearMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("bailing_hybrid", "bailing_hybrid", "BailingHybridMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("dots3_note", "dots3_note", "Dots3NoteTextMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("deepseek_ocr2", "deepseek_ocr2", "DeepseekOcr2TextMoe", "gate", _deepseek_v2_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("unlimited_ocr", "unlimited_ocr", "UnlimitedOcrTextMoe", "gate", _deepseek_v2_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("mistral4", "mistral4", "Mistral4MoE", "gate", _mistral4_routing(fp32=False),
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("mistral_large4", "mistral_large4", "MistralLarge4TextMoE", "gate",
+            _mistral4_routing(fp32=True, normalize=True), shared_expert="shared_experts",
+            weights_in_logits_dtype=False),
+    _Family("minimax_m2", "minimax_m2", "MiniMaxM2SparseMoeBlock", "gate", _sigmoid_routing(normalize=True),
+            selection_bias="e_score_correction_bias", weights_in_logits_dtype=False, jitter_attr="jitter_noise"),
+    _Family("afmoe", "afmoe", "AfmoeSparseMoeBlock", "router", _sigmoid_routing("route_scale", normalize=True),
+            router_weight="gate.weight", selection_bias="expert_bias", shared_expert="shared_experts",
+            weights_in_logits_dtype=False),
+    _Family("hy_v3", "hy_v3", "HYV3MoE", "gate", _sigmoid_routing("router_scaling_factor", True, fp32=True),
+            selection_bias="e_score_correction_bias", shared_expert="shared_experts",
+            weights_in_logits_dtype=False, check=_hy_v3_check),
+    _Family("flint", "flint", "FlintSparseMoeBlock", "gate", _flint_routing, shared_expert="shared_expert",
+            weights_in_logits_dtype=False),
 )  # fmt: skip
 
 
@@ -278,12 +393,17 @@ def _read_experts(experts: nn.Module) -> tuple[dict, dict]:
         if not getattr(experts, "is_concatenated", True):
             b_in = torch.cat([b_in[..., ::2], b_in[..., 1::2]], dim=-1)
         params.update(b_in=b_in, b_out=experts.down_proj_bias)
-    if hasattr(experts, "act_fn"):
-        options = dict(activation=_gated_activation(experts.act_fn, type(experts).__name__))
-    elif hasattr(experts, "alpha") and hasattr(experts, "limit"):  # GPT-OSS's clamped SwiGLU
+    if type(experts).__name__ == "GptOssExperts":  # GPT-OSS's clamped SwiGLU
         options = dict(
             activation="clamped_swiglu", swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit)
         )
+    elif hasattr(experts, "_apply_gate") and not is_default_gate(experts):
+        raise ValueError(
+            f"swap_moe_layers: {type(experts).__name__} gates with its own _apply_gate; moe_ext.MoE's activations "
+            'are the plain SwiGLU/GeGLU and GPT-OSS\'s clamped SwiGLU (experts_implementation="moe_ext" serves it)'
+        )
+    elif hasattr(experts, "act_fn"):
+        options = dict(activation=_gated_activation(experts.act_fn, type(experts).__name__))
     else:
         raise ValueError(f"swap_moe_layers: cannot tell the activation of {type(experts).__name__}")
     options["expert_bias"] = "b_in" in params
@@ -430,6 +550,10 @@ def _to_meta(module: nn.Module) -> nn.Module:
     return module
 
 
+def _selection_bias_path(family: _Family) -> str:
+    return family.selection_bias or f"{family.router}.e_score_correction_bias"
+
+
 def _shared_expert(family: _Family, block: nn.Module) -> nn.Module | None:
     return getattr(block, family.shared_expert) if family.shared_expert is not None else None
 
@@ -451,7 +575,7 @@ def _build_moe(family: _Family, block: nn.Module) -> MoE:
     if options.get("router_bias"):
         params["router.bias"] = router.bias
     if options.get("selection_bias"):
-        params["selection_bias"] = _lookup(router, family.selection_bias).reshape(num_experts)
+        params["selection_bias"] = _lookup(block, _selection_bias_path(family)).reshape(num_experts)
     shared = _shared_expert(family, block)
     if shared is not None:
         gate, up, down = _mlp_layout(shared)
@@ -517,8 +641,8 @@ def unswap_moe_layers(model: nn.Module) -> int:
         if moe.router.bias is not None:
             state[f"{family.router}.bias"] = moe.router.bias.detach()
         if moe.selection_bias is not None:
-            shape = _lookup(getattr(original, family.router), family.selection_bias).shape
-            state[f"{family.router}.{family.selection_bias}"] = moe.selection_bias.reshape(shape)
+            path = _selection_bias_path(family)
+            state[path] = moe.selection_bias.reshape(_lookup(original, path).shape)
         shared = _shared_expert(family, original)
         if shared is not None:
             names = ("gate_proj", "up_proj", "down_proj") if hasattr(shared, "gate_proj") else ("w1", "w3", "w2")
