@@ -483,6 +483,7 @@ BLOCK_FAMILIES = {
     "afmoe": ("afmoe", dict(route_scale=2.5)),
     "hy_v3": ("hy_v3", dict(router_scaling_factor=2.5)),
     "flint": ("flint", {}),
+    "laguna": ("laguna", dict(routed_scaling_factor=2.5, router_logit_softcapping=0.0)),
 }
 
 
@@ -540,3 +541,22 @@ def test_block_family_output_router_logits_gradients_unswap(family):
     for name, p in block.named_parameters():
         if p.requires_grad:
             assert_rel_close(grads[name], p.grad, rel)
+
+
+def test_laguna_softcapped_router_raises():
+    if "laguna" not in supported_families():
+        pytest.skip(f"the installed transformers {transformers.__version__} has no laguna model")
+    block = build_block("laguna")
+    block.gate.router_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="router_logit_softcapping"):
+        swap_moe_layers(nn.ModuleDict({"mlp": block}))
+
+
+def test_experts_with_their_own_gate_raise():
+    """A gate other than act_fn(gate) * up (clamped, softcapped) has no moe_ext.MoE activation: no silent swap."""
+    if "mellum" not in supported_families():
+        pytest.skip(f"the installed transformers {transformers.__version__} has no mellum model")
+    block = build_block("mellum")
+    block.experts._apply_gate = lambda gate_up: torch.tanh(gate_up.chunk(2, dim=-1)[0])
+    with pytest.raises(ValueError, match="gates with its own _apply_gate"):
+        swap_moe_layers(nn.ModuleDict({"mlp": block}))

@@ -89,6 +89,7 @@ class _Family:
     weights_in_logits_dtype: bool = True  # the router casts its top-k weights to the logits' dtype
     jitter_attr: str | None = None  # attribute of the block's input jitter (Mixtral)
     check: Callable[[nn.Module], None] | None = None  # raises ValueError for a block setting moe_ext lacks
+    output_scale: str | None = None  # block attribute scaling the routed output: moe_ext scales the weights
 
 
 def _softmax_routing(renormalize: bool | None = None) -> Callable[[nn.Module], dict]:
@@ -167,7 +168,7 @@ def _cohere2_routing(router: nn.Module) -> dict:
 
 
 def _sigmoid_routing(scale: str | None = None, normalize: bool | None = None, fp32: bool = False):
-    """Sigmoid scores, a selection-only bias, no groups (MiniMax-M2, AFMoE, HY-V3, Laguna, Flint): renormalized
+    """Sigmoid scores, a selection-only bias, no groups (MiniMax-M2, AFMoE, HY-V3, Laguna): renormalized
     always or per ``router.norm_topk_prob``, times ``router.<scale>``; ``fp32``: a float32 router matmul."""
 
     def routing(router: nn.Module) -> dict:
@@ -321,6 +322,8 @@ _FAMILIES = (
     _Family("hy_v3", "hy_v3", "HYV3MoE", "gate", _sigmoid_routing("router_scaling_factor", True, fp32=True),
             selection_bias="e_score_correction_bias", shared_expert="shared_experts",
             weights_in_logits_dtype=False, check=_hy_v3_check),
+    _Family("laguna", "laguna", "LagunaSparseMoeBlock", "gate", _sigmoid_routing(normalize=True),
+            shared_expert="shared_experts", check=_laguna_check, output_scale="routed_scaling_factor"),
     _Family("flint", "flint", "FlintSparseMoeBlock", "gate", _flint_routing, shared_expert="shared_expert",
             weights_in_logits_dtype=False),
 )  # fmt: skip
@@ -571,6 +574,8 @@ def _build_moe(family: _Family, block: nn.Module) -> MoE:
             f"{tuple(router_weight.shape)}, expected [num_experts = {num_experts}, hidden = {hidden_size}]"
         )
     options.update(family.routing(router))
+    if family.output_scale is not None:
+        options["routed_scaling_factor"] = float(getattr(block, family.output_scale))
     params["router.weight"] = router_weight
     if options.get("router_bias"):
         params["router.bias"] = router.bias
