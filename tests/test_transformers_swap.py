@@ -483,14 +483,8 @@ BLOCK_FAMILIES = {
     "afmoe": ("afmoe", dict(route_scale=2.5)),
     "hy_v3": ("hy_v3", dict(router_scaling_factor=2.5)),
     "flint": ("flint", {}),
-    "laguna": ("laguna", dict(routed_scaling_factor=2.5, router_logit_softcapping=0.0)),
+    "laguna": ("laguna", dict(routed_scaling_factor=2.5, moe_router_logit_softcapping=0.0)),
 }
-
-
-def _block_family_param(name: str):
-    available = name in supported_families()
-    reason = f"the installed transformers {transformers.__version__} has no {name} model"
-    return pytest.param(name, marks=pytest.mark.skipif(not available, reason=reason))
 
 
 def build_block(family: str) -> nn.Module:
@@ -511,7 +505,7 @@ def build_block(family: str) -> nn.Module:
     return block
 
 
-@pytest.mark.parametrize("family", [_block_family_param(name) for name in BLOCK_FAMILIES])
+@pytest.mark.parametrize("family", [_family_param(name) for name in BLOCK_FAMILIES])
 def test_block_family_output_router_logits_gradients_unswap(family):
     block = build_block(family)
     router_name = "router" if hasattr(block, "router") else "gate"
@@ -560,3 +554,20 @@ def test_experts_with_their_own_gate_raise():
     block.experts._apply_gate = lambda gate_up: torch.tanh(gate_up.chunk(2, dim=-1)[0])
     with pytest.raises(ValueError, match="gates with its own _apply_gate"):
         swap_moe_layers(nn.ModuleDict({"mlp": block}))
+
+
+def test_readme_family_table_names_every_family():
+    """README's family table: one row per family with a decorated experts class, its full-swap column
+    "yes" exactly for the families swap_moe_layers supports."""
+    import pathlib
+    import re
+
+    from moe_ext.integrations.transformers import _FAMILIES
+    from moe_ext.integrations.transformers_experts import decorated_experts_classes
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)` \| [^|]+ \| yes \| (yes|no)\b", readme, flags=re.MULTILINE))
+    families = {cls.__module__.split(".")[2] for cls in decorated_experts_classes()}
+    assert rows.keys() == families
+    swapped = {family.module for family in _FAMILIES if family.name in supported_families()}
+    assert {family for family, swap in rows.items() if swap == "yes"} == swapped

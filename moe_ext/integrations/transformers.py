@@ -9,15 +9,16 @@ registers the ``"moe_ext"`` experts implementation (:mod:`moe_ext.integrations.t
     unswap_moe_layers(model)     # the original block classes, holding the trained weights
     model.save_pretrained(out)   # a checkpoint the original model class loads
 
-Supported blocks (each where the installed transformers has it): Mixtral, Qwen2-MoE,
-Qwen3-MoE, Qwen3-Next, OLMoE, FlexOlmo, DeepSeek-V2 (greedy top-k), DeepSeek-V3, GLM-4.5,
-dots1, EXAONE-MoE, Solar-Open, MiMo-V2-Flash, GPT-OSS, MiniMax, GraniteMoE,
-GraniteMoeShared, Ernie 4.5 MoE, Hunyuan-V1-MoE and Cohere2-MoE (shared experts summed);
-:func:`supported_families` lists them. A setting a family's router has and moe_ext does not
-reproduce raises a ``ValueError`` naming it. A swapped block is a :class:`MoEBlock`: its
-``moe`` is a :class:`moe_ext.MoE` configured to reproduce the block's math (routing,
-shared expert, biases, activation) and holding its weights, and it returns what the
-block returned (GPT-OSS: also the router scores).
+Supported blocks (each where the installed transformers has it): those of 45 families whose
+router moe_ext's gating reproduces exactly -- Mixtral, the Qwen MoE line, OLMoE, FlexOlmo, the
+DeepSeek-V2/V3 routers and their many users (GLM-4.5, dots1, Kimi-Linear, ...), GPT-OSS,
+MiniMax, Granite, Ernie 4.5, Hunyuan, Cohere2, Mistral 4 and more: :func:`supported_families`
+lists them, README's family table says why the others are not. A setting a family's router
+has and moe_ext does not reproduce raises a ``ValueError`` naming it.
+
+A swapped block is a :class:`MoEBlock`: its ``moe`` is a :class:`moe_ext.MoE` configured
+to reproduce the block's math (routing, shared expert, biases, activation) and holding
+its weights, and it returns what the block returned (GPT-OSS: also the router scores).
 
 Router logits and the aux loss: transformers records ``router_logits`` with forward
 hooks on the block's router module (``output_router_logits=True``) and computes the
