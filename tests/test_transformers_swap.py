@@ -571,3 +571,28 @@ def test_readme_family_table_names_every_family():
     assert rows.keys() == families
     swapped = {family.module for family in _FAMILIES if family.name in supported_families()}
     assert {family for family, swap in rows.items() if swap == "yes"} == swapped
+
+
+@pytest.mark.parametrize("family", [_family_param("ernie4_5_moe"), _family_param("hunyuan_v1_moe")])
+def test_float32_router_of_a_bfloat16_model_stays_float32(family):
+    config = transformers.AutoConfig.for_model(family, **COMMON, **FAMILIES[family])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    blocks = blocks_of(model, family)
+    with torch.no_grad():
+        for block in blocks:
+            _perturb(block)
+    names = {name: p.dtype for name, p in model.named_parameters()}
+    ids = token_ids()
+    with torch.no_grad():
+        before = model(ids, output_router_logits=True).router_logits
+    assert swap_moe_layers(model) == len(blocks)
+    swapped = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    assert all(b.moe.router.weight.dtype == torch.float32 and b.moe.w_in.dtype == torch.bfloat16 for b in swapped)
+    with torch.no_grad():
+        after = model(ids, output_router_logits=True).router_logits
+    # The first block's input is the same bfloat16 embedding: its float32 logits agree to float32 rounding.
+    assert after[0].dtype == before[0].dtype == torch.float32
+    assert_rel_close(after[0], before[0], 1e-5)
+    unswap_moe_layers(model)
+    assert {name: p.dtype for name, p in model.named_parameters()} == names

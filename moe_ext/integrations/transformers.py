@@ -603,6 +603,15 @@ def _build_moe(family: _Family, block: nn.Module) -> MoE:
         dtype=reference.dtype,
         **options,
     )
+    if router_weight.dtype != reference.dtype:
+        # A router kept in float32 in a bfloat16 model (Ernie 4.5, Hunyuan): moe_ext's router stays in it too
+        # (it computes in router_dtype), so routing and the unswapped checkpoint keep their precision.
+        if options.get("router_dtype") != router_weight.dtype:
+            raise ValueError(
+                f"swap_moe_layers: {type(block).__name__}'s router weight is {router_weight.dtype} but its experts "
+                f"are {reference.dtype}, and the router does not compute in {router_weight.dtype}"
+            )
+        moe.router.to(router_weight.dtype)
     moe.load_state_dict({name: tensor.detach() for name, tensor in params.items()}, strict=True)
     return moe
 
