@@ -9,11 +9,16 @@ registers the ``"moe_ext"`` experts implementation (:mod:`moe_ext.integrations.t
     unswap_moe_layers(model)     # the original block classes, holding the trained weights
     model.save_pretrained(out)   # a checkpoint the original model class loads
 
-Supported blocks (each where the installed transformers has it): Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE, DeepSeek-V3 and GPT-OSS. A swapped block is a :class:`MoEBlock`: its
-``moe`` is a :class:`moe_ext.MoE` configured to reproduce the block's math (routing,
-shared expert, biases, activation) and holding its weights, and it returns what the
-block returned (GPT-OSS: also the router scores).
+Supported blocks (each where the installed transformers has it): those of 45 families whose
+router moe_ext's gating reproduces exactly -- Mixtral, the Qwen MoE line, OLMoE, FlexOlmo, the
+DeepSeek-V2/V3 routers and their many users (GLM-4.5, dots1, Kimi-Linear, ...), GPT-OSS,
+MiniMax, Granite, Ernie 4.5, Hunyuan, Cohere2, Mistral 4 and more: :func:`supported_families`
+lists them, README's family table says why the others are not. A setting a family's router
+has and moe_ext does not reproduce raises a ``ValueError`` naming it.
+
+A swapped block is a :class:`MoEBlock`: its ``moe`` is a :class:`moe_ext.MoE` configured
+to reproduce the block's math (routing, shared expert, biases, activation) and holding
+its weights, and it returns what the block returned (GPT-OSS: also the router scores).
 
 Router logits and the aux loss: transformers records ``router_logits`` with forward
 hooks on the block's router module (``output_router_logits=True``) and computes the
@@ -38,7 +43,12 @@ from torch import Tensor, nn
 
 from ..convert import replace_modules
 from ..layer import MoE
-from .transformers_experts import EXPERTS_IMPLEMENTATION, experts_forward, register_experts_implementation
+from .transformers_experts import (
+    EXPERTS_IMPLEMENTATION,
+    experts_forward,
+    is_default_gate,
+    register_experts_implementation,
+)
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -70,15 +80,22 @@ class _Family:
     block: str  # class name of the sparse MoE block
     router: str  # attribute of the router submodule inside the block
     routing: Callable[[nn.Module], dict]  # router module -> MoE routing keywords
-    shared_expert: str | None = None  # attribute of an always-on dense MLP
+    router_weight: str = "weight"  # path of the [E, H] router weight inside the router
+    selection_bias: str | None = (
+        None  # path in the block of the selection-only bias; None: <router>.e_score_correction_bias
+    )
+    shared_expert: str | None = None  # attribute of an always-on dense MLP (the block may hold None there)
     shared_expert_gate: str | None = None  # attribute of its sigmoid gate (Linear(H, 1))
     returns_router_scores: bool = False  # forward returns (hidden_states, router_scores)
     weights_in_logits_dtype: bool = True  # the router casts its top-k weights to the logits' dtype
     jitter_attr: str | None = None  # attribute of the block's input jitter (Mixtral)
+    check: Callable[[nn.Module], None] | None = None  # raises ValueError for a block setting moe_ext lacks
+    output_scale: str | None = None  # block attribute scaling the routed output: moe_ext scales the weights
 
 
 def _softmax_routing(renormalize: bool | None = None) -> Callable[[nn.Module], dict]:
-    """Softmax over all experts, top-k; renormalized always (Mixtral) or per ``router.norm_topk_prob``."""
+    """Softmax over all experts, top-k; renormalized always (Mixtral, MiniMax; GraniteMoE's softmax over the
+    top-k logits is the same) or per ``router.norm_topk_prob``."""
 
     def routing(router: nn.Module) -> dict:
         normalize = renormalize if renormalize is not None else bool(router.norm_topk_prob)
@@ -88,7 +105,9 @@ def _softmax_routing(renormalize: bool | None = None) -> Callable[[nn.Module], d
 
 
 def _deepseek_v3_routing(router: nn.Module) -> dict:
-    # fp32 router logits, sigmoid scores, e_score_correction_bias for selection only, group-limited top-k.
+    # fp32 router logits, sigmoid scores, e_score_correction_bias for selection only, group-limited top-k
+    # (a group scores the sum of its best two biased scores). GLM-4.5, dots1, EXAONE-MoE, Solar-Open and
+    # MiMo-V2-Flash use this router verbatim.
     return dict(
         top_k=int(router.top_k),
         score_func="sigmoid",
@@ -99,6 +118,124 @@ def _deepseek_v3_routing(router: nn.Module) -> dict:
         selection_bias=True,
         router_dtype=torch.float32,
     )
+
+
+def _deepseek_v2_routing(router: nn.Module) -> dict:
+    # fp32 logits, softmax over all experts, top-k weights times routed_scaling_factor, never renormalized.
+    if router.topk_method != "greedy":
+        raise ValueError(
+            f"swap_moe_layers: DeepSeek-V2 topk_method={router.topk_method!r} scores a group by its best "
+            "expert; moe_ext's group-limited routing scores a group by its best two (DeepSeek-V3), so only "
+            "topk_method='greedy' is reproduced"
+        )
+    return dict(
+        top_k=int(router.top_k),
+        score_func="softmax",
+        normalize_weights=False,
+        routed_scaling_factor=float(router.routed_scaling_factor),
+        router_dtype=torch.float32,
+    )
+
+
+def _ernie_routing(router: nn.Module) -> dict:
+    # fp32 softmax; moe_statics.e_score_correction_bias picks the experts only; the k weights are divided by
+    # max(their sum, norm_min): their sum is at least k / E, so norm_min (1e-12) never binds.
+    return dict(
+        top_k=int(router.top_k),
+        score_func="softmax",
+        normalize_weights=True,
+        selection_bias=True,
+        router_dtype=torch.float32,
+    )
+
+
+def _hunyuan_routing(router: nn.Module) -> dict:
+    # Softmax over all experts, top-k, renormalized; a float32 ``wg`` computes in float32.
+    fp32 = router.wg.weight.dtype == torch.float32
+    return dict(
+        top_k=int(router.top_k),
+        score_func="softmax",
+        normalize_weights=True,
+        router_dtype=torch.float32 if fp32 else None,
+    )
+
+
+def _cohere2_routing(router: nn.Module) -> dict:
+    # Top-k of the logits, then softmax over those k (== softmax over all, renormalized) or sigmoid of those k
+    # (renormalized per norm_topk_prob): a monotone score picks the same experts as the logits.
+    if router.expert_selection_fn == "softmax":
+        return dict(top_k=int(router.top_k), score_func="softmax", normalize_weights=True)
+    return dict(top_k=int(router.top_k), score_func="sigmoid", normalize_weights=bool(router.norm_topk_prob))
+
+
+def _sigmoid_routing(scale: str | None = None, normalize: bool | None = None, fp32: bool = False):
+    """Sigmoid scores, a selection-only bias, no groups (MiniMax-M2, AFMoE, HY-V3, Laguna): renormalized
+    always or per ``router.norm_topk_prob``, times ``router.<scale>``; ``fp32``: a float32 router matmul."""
+
+    def routing(router: nn.Module) -> dict:
+        return dict(
+            top_k=int(router.top_k),
+            score_func="sigmoid",
+            normalize_weights=normalize if normalize is not None else bool(router.norm_topk_prob),
+            routed_scaling_factor=float(getattr(router, scale)) if scale else 1.0,
+            selection_bias=True,
+            router_dtype=torch.float32 if fp32 else None,
+        )
+
+    return routing
+
+
+def _flint_routing(router: nn.Module) -> dict:
+    return {**_sigmoid_routing(fp32=True)(router), "selection_bias": False}
+
+
+def _mistral4_routing(fp32: bool, normalize: bool | None = None) -> Callable[[nn.Module], dict]:
+    """Softmax scores, groups scored by their best two, top-k weights renormalized and scaled. The experts of
+    the dropped groups are masked to 0.0 (not -inf): the same picks while the kept groups hold top_k experts."""
+
+    def routing(router: nn.Module) -> dict:
+        group_size = router.num_experts // router.num_group
+        if router.topk_group * group_size < router.top_k:
+            raise ValueError(
+                f"swap_moe_layers: {type(router).__name__} keeps {router.topk_group} groups of {group_size} experts, "
+                f"fewer than top_k = {router.top_k}; transformers then picks masked experts, moe_ext does not"
+            )
+        return dict(
+            top_k=int(router.top_k),
+            score_func="softmax",
+            normalize_weights=normalize if normalize is not None else bool(router.norm_topk_prob),
+            routed_scaling_factor=float(router.routed_scaling_factor),
+            n_group=int(router.num_group),
+            topk_group=int(router.topk_group),
+            router_dtype=torch.float32 if fp32 else None,
+        )
+
+    return routing
+
+
+def _laguna_check(block: nn.Module) -> None:
+    if block.gate.router_logit_softcapping > 0:
+        raise ValueError(
+            "swap_moe_layers: Laguna router_logit_softcapping > 0 softcaps the router logits (tanh); moe_ext's "
+            "gating takes the logits as they are"
+        )
+
+
+def _hy_v3_check(block: nn.Module) -> None:
+    if block.enable_moe_fp32_combine and block.experts.gate_up_proj.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            "swap_moe_layers: HY-V3 enable_moe_fp32_combine adds the routed and shared outputs in float32; moe_ext "
+            "adds them in the layer's dtype (the same only for float32/float64 weights)"
+        )
+
+
+def _cohere2_check(block: nn.Module) -> None:
+    if block.num_shared_experts > 0 and block.shared_expert_combination_strategy != "sum":
+        raise ValueError(
+            f"swap_moe_layers: Cohere2-MoE shared_expert_combination_strategy="
+            f"{block.shared_expert_combination_strategy!r} halves the layer output; moe_ext adds the shared "
+            "expert (only 'sum' is reproduced)"
+        )
 
 
 def _gpt_oss_routing(router: nn.Module) -> dict:
@@ -116,6 +253,80 @@ _FAMILIES = (
     _Family("deepseek_v3", "deepseek_v3", "DeepseekV3MoE", "gate", _deepseek_v3_routing,
             shared_expert="shared_experts", weights_in_logits_dtype=False),
     _Family("gpt_oss", "gpt_oss", "GptOssMLP", "router", _gpt_oss_routing, returns_router_scores=True),
+    _Family("glm4_moe", "glm4_moe", "Glm4MoeMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("dots1", "dots1", "Dots1MoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("exaone_moe", "exaone_moe", "ExaoneMoeSparseMoEBlock", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("solar_open", "solar_open", "SolarOpenMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("mimo_v2_flash", "mimo_v2_flash", "MiMoV2FlashMoE", "gate", _deepseek_v3_routing,
+            weights_in_logits_dtype=False),
+    _Family("deepseek_v2", "deepseek_v2", "DeepseekV2Moe", "gate", _deepseek_v2_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("qwen3_next", "qwen3_next", "Qwen3NextSparseMoeBlock", "gate", _softmax_routing(),
+            shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    _Family("flex_olmo", "flex_olmo", "FlexOlmoSparseMoeBlock", "gate", _softmax_routing()),
+    _Family("minimax", "minimax", "MiniMaxSparseMoeBlock", "gate", _softmax_routing(True),
+            weights_in_logits_dtype=False, jitter_attr="jitter_noise"),
+    _Family("granitemoe", "granitemoe", "GraniteMoeMoE", "router", _softmax_routing(True)),
+    _Family("granitemoeshared", "granitemoeshared", "GraniteMoeSharedMoE", "router", _softmax_routing(True)),
+    _Family("ernie4_5_moe", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", "gate", _ernie_routing,
+            selection_bias="gate.moe_statics.e_score_correction_bias", shared_expert="shared_experts"),
+    _Family("hunyuan_v1_moe", "hunyuan_v1_moe", "HunYuanMoEV1Moe", "gate", _hunyuan_routing,
+            router_weight="wg.weight", shared_expert="shared_mlp"),
+    _Family("cohere2_moe", "cohere2_moe", "Cohere2MoeSparseMoeBlock", "gate", _cohere2_routing,
+            shared_expert="shared_experts", check=_cohere2_check),
+    _Family("mellum", "mellum", "MellumSparseMoeBlock", "gate", _softmax_routing()),
+    _Family("jamba", "jamba", "JambaSparseMoeBlock", "router", _softmax_routing(False)),
+    _Family("granitemoe_swa", "granitemoe_swa", "GraniteMoeSWAMoE", "router", _softmax_routing(True)),
+    _Family("granitemoehybrid", "granitemoehybrid", "GraniteMoeHybridMoE", "router", _softmax_routing(True)),
+    _Family("aria", "aria", "AriaTextMoELayer", "router", _softmax_routing(True), shared_expert="shared_experts"),
+    _Family("qwen3_5_moe", "qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", "gate", _softmax_routing(True),
+            shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    _Family("qwen3_vl_moe", "qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", "gate", _softmax_routing(True)),
+    _Family("qwen4_exp", "qwen4_exp", "Qwen4ExpTextSparseMoeBlock", "gate", _softmax_routing(),
+            shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    _Family("qwen3_omni_moe_thinker", "qwen3_omni_moe", "Qwen3OmniMoeThinkerTextSparseMoeBlock", "gate",
+            _softmax_routing()),
+    _Family("qwen3_omni_moe_talker", "qwen3_omni_moe", "Qwen3OmniMoeTalkerTextSparseMoeBlock", "gate",
+            _softmax_routing(), shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    _Family("glm4_moe_lite", "glm4_moe_lite", "Glm4MoeLiteMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("glm4v_moe", "glm4v_moe", "Glm4vMoeTextMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("glm_moe_dsa", "glm_moe_dsa", "GlmMoeDsaMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("deepseek_v32", "deepseek_v32", "DeepseekV32MoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("kimi_linear", "kimi_linear", "KimiLinearMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("bailing_hybrid", "bailing_hybrid", "BailingHybridMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("dots3_note", "dots3_note", "Dots3NoteTextMoE", "gate", _deepseek_v3_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("deepseek_ocr2", "deepseek_ocr2", "DeepseekOcr2TextMoe", "gate", _deepseek_v2_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("unlimited_ocr", "unlimited_ocr", "UnlimitedOcrTextMoe", "gate", _deepseek_v2_routing,
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("mistral4", "mistral4", "Mistral4MoE", "gate", _mistral4_routing(fp32=False),
+            shared_expert="shared_experts", weights_in_logits_dtype=False),
+    _Family("mistral_large4", "mistral_large4", "MistralLarge4TextMoE", "gate",
+            _mistral4_routing(fp32=True, normalize=True), shared_expert="shared_experts",
+            weights_in_logits_dtype=False),
+    _Family("minimax_m2", "minimax_m2", "MiniMaxM2SparseMoeBlock", "gate", _sigmoid_routing(normalize=True),
+            selection_bias="e_score_correction_bias", weights_in_logits_dtype=False, jitter_attr="jitter_noise"),
+    _Family("afmoe", "afmoe", "AfmoeSparseMoeBlock", "router", _sigmoid_routing("route_scale", normalize=True),
+            router_weight="gate.weight", selection_bias="expert_bias", shared_expert="shared_experts",
+            weights_in_logits_dtype=False),
+    _Family("hy_v3", "hy_v3", "HYV3MoE", "gate", _sigmoid_routing("router_scaling_factor", True, fp32=True),
+            selection_bias="e_score_correction_bias", shared_expert="shared_experts",
+            weights_in_logits_dtype=False, check=_hy_v3_check),
+    _Family("laguna", "laguna", "LagunaSparseMoeBlock", "gate", _sigmoid_routing(normalize=True),
+            shared_expert="shared_experts", check=_laguna_check, output_scale="routed_scaling_factor"),
+    _Family("flint", "flint", "FlintSparseMoeBlock", "gate", _flint_routing, shared_expert="shared_expert",
+            weights_in_logits_dtype=False),
 )  # fmt: skip
 
 
@@ -186,12 +397,17 @@ def _read_experts(experts: nn.Module) -> tuple[dict, dict]:
         if not getattr(experts, "is_concatenated", True):
             b_in = torch.cat([b_in[..., ::2], b_in[..., 1::2]], dim=-1)
         params.update(b_in=b_in, b_out=experts.down_proj_bias)
-    if hasattr(experts, "act_fn"):
-        options = dict(activation=_gated_activation(experts.act_fn, type(experts).__name__))
-    elif hasattr(experts, "alpha") and hasattr(experts, "limit"):  # GPT-OSS's clamped SwiGLU
+    if type(experts).__name__ == "GptOssExperts":  # GPT-OSS's clamped SwiGLU
         options = dict(
             activation="clamped_swiglu", swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit)
         )
+    elif hasattr(experts, "_apply_gate") and not is_default_gate(experts):
+        raise ValueError(
+            f"swap_moe_layers: {type(experts).__name__} gates with its own _apply_gate; moe_ext.MoE's activations "
+            'are the plain SwiGLU/GeGLU and GPT-OSS\'s clamped SwiGLU (experts_implementation="moe_ext" serves it)'
+        )
+    elif hasattr(experts, "act_fn"):
+        options = dict(activation=_gated_activation(experts.act_fn, type(experts).__name__))
     else:
         raise ValueError(f"swap_moe_layers: cannot tell the activation of {type(experts).__name__}")
     options["expert_bias"] = "b_in" in params
@@ -320,6 +536,12 @@ def _install_output_capture_hooks(model: nn.Module) -> None:
     visit(model)
 
 
+def _lookup(module: nn.Module, path: str) -> Tensor:
+    """The parameter or buffer at dotted ``path`` inside ``module``."""
+    owner, _, name = path.rpartition(".")
+    return getattr(module.get_submodule(owner), name)
+
+
 def _to_meta(module: nn.Module) -> nn.Module:
     """Moves the parameters and saved buffers of ``module`` to the meta device (in place), freeing their memory."""
     for sub in module.modules():
@@ -332,23 +554,36 @@ def _to_meta(module: nn.Module) -> nn.Module:
     return module
 
 
+def _selection_bias_path(family: _Family) -> str:
+    return family.selection_bias or f"{family.router}.e_score_correction_bias"
+
+
+def _shared_expert(family: _Family, block: nn.Module) -> nn.Module | None:
+    return getattr(block, family.shared_expert) if family.shared_expert is not None else None
+
+
 def _build_moe(family: _Family, block: nn.Module) -> MoE:
+    if family.check is not None:
+        family.check(block)
     router = getattr(block, family.router)
+    router_weight = router.get_parameter(family.router_weight)
     options, params = _read_experts(block.experts)
     num_experts, ffn_hidden_size, hidden_size = params["w_out"].shape  # [E, F, H]
-    if router.weight.shape != (num_experts, hidden_size):
+    if router_weight.shape != (num_experts, hidden_size):
         raise ValueError(
-            f"swap_moe_layers: {type(block).__name__}.{family.router}.weight has shape {tuple(router.weight.shape)}, "
-            f"expected [num_experts = {num_experts}, hidden = {hidden_size}]"
+            f"swap_moe_layers: {type(block).__name__}.{family.router}.{family.router_weight} has shape "
+            f"{tuple(router_weight.shape)}, expected [num_experts = {num_experts}, hidden = {hidden_size}]"
         )
     options.update(family.routing(router))
-    params["router.weight"] = router.weight
+    if family.output_scale is not None:
+        options["routed_scaling_factor"] = float(getattr(block, family.output_scale))
+    params["router.weight"] = router_weight
     if options.get("router_bias"):
         params["router.bias"] = router.bias
     if options.get("selection_bias"):
-        params["selection_bias"] = router.e_score_correction_bias
-    if family.shared_expert is not None:
-        shared = getattr(block, family.shared_expert)
+        params["selection_bias"] = _lookup(block, _selection_bias_path(family)).reshape(num_experts)
+    shared = _shared_expert(family, block)
+    if shared is not None:
         gate, up, down = _mlp_layout(shared)
         if _gated_activation(shared.act_fn, type(shared).__name__) != options["activation"]:
             raise ValueError("swap_moe_layers: the shared expert's activation differs from the experts'")
@@ -368,6 +603,15 @@ def _build_moe(family: _Family, block: nn.Module) -> MoE:
         dtype=reference.dtype,
         **options,
     )
+    if router_weight.dtype != reference.dtype:
+        # A router kept in float32 in a bfloat16 model (Ernie 4.5, Hunyuan): moe_ext's router stays in it too
+        # (it computes in router_dtype), so routing and the unswapped checkpoint keep their precision.
+        if options.get("router_dtype") != router_weight.dtype:
+            raise ValueError(
+                f"swap_moe_layers: {type(block).__name__}'s router weight is {router_weight.dtype} but its experts "
+                f"are {reference.dtype}, and the router does not compute in {router_weight.dtype}"
+            )
+        moe.router.to(router_weight.dtype)
     moe.load_state_dict({name: tensor.detach() for name, tensor in params.items()}, strict=True)
     return moe
 
@@ -408,13 +652,14 @@ def unswap_moe_layers(model: nn.Module) -> int:
     def build(_name: str, swapped: MoEBlock) -> nn.Module:
         family, moe, original = families[swapped.family], swapped.moe, swapped._original
         state = _write_experts(original.experts, moe, "experts.")
-        state[f"{family.router}.weight"] = moe.router.weight.detach()
+        state[f"{family.router}.{family.router_weight}"] = moe.router.weight.detach()
         if moe.router.bias is not None:
             state[f"{family.router}.bias"] = moe.router.bias.detach()
         if moe.selection_bias is not None:
-            state[f"{family.router}.e_score_correction_bias"] = moe.selection_bias
-        if family.shared_expert is not None:
-            shared = getattr(original, family.shared_expert)
+            path = _selection_bias_path(family)
+            state[path] = moe.selection_bias.reshape(_lookup(original, path).shape)
+        shared = _shared_expert(family, original)
+        if shared is not None:
             names = ("gate_proj", "up_proj", "down_proj") if hasattr(shared, "gate_proj") else ("w1", "w3", "w2")
             gate, up = moe.shared_expert.w_in.weight.detach().chunk(2, dim=0)
             for name, weight in zip(names, (gate, up, moe.shared_expert.w_out.weight.detach()), strict=True):

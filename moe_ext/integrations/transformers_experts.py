@@ -33,6 +33,7 @@ __all__ = [
     "decorated_experts_classes",
     "experts_forward",
     "experts_layout",
+    "is_default_gate",
     "register_experts_implementation",
 ]
 
@@ -61,7 +62,8 @@ def _fail(module: nn.Module, why: str) -> ValueError:
     return ValueError(f'experts_implementation="moe_ext": cannot serve {type(module).__name__}: {why}')
 
 
-def _is_default_gate(module: nn.Module) -> bool:
+def is_default_gate(module: nn.Module) -> bool:
+    """Whether an experts module gates with transformers' default ``act_fn(gate) * up``."""
     from transformers.integrations.moe import _default_apply_gate
 
     return getattr(module._apply_gate, "__func__", None) is _default_apply_gate
@@ -82,7 +84,7 @@ def _activation(module: nn.Module) -> str | Callable[[Tensor], Tensor]:
         return module.act_fn
     if not callable(getattr(module, "_apply_gate", None)):
         raise _fail(module, "it has no _apply_gate")
-    if _is_default_gate(module) and _is_silu(getattr(module, "act_fn", None)):
+    if is_default_gate(module) and _is_silu(getattr(module, "act_fn", None)):
         return "swiglu"
     return module._apply_gate
 
