@@ -224,3 +224,26 @@ def test_upcycled_transformer_encoder_example_matches_dense_in_inference():
     torch.testing.assert_close(upcycled, dense, rtol=1e-5, atol=1e-5)
     assert all(isinstance(m.ffn, moe_ext.MoE) for m in encoder.layers)
     assert all(m.ffn.last_stats is not None for m in encoder.layers), "the MoE layers really ran"
+
+
+def test_main_job_trains_the_dense_baseline_and_the_moe_model(tmp_path):
+    """The main job's script at tiny sizes: both models train on the same batches, the table names their
+    parameters, active parameters and tokens/s, and both plots are written."""
+    command = [
+        sys.executable, os.path.join(ROOT, "examples", "train_tiny_lm.py"), "--steps", "4", "--batch", "2",
+        "--context", "16", "--width", "16", "--log-every", "2", "--out", str(tmp_path),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("dense ", "moe_ext "))}
+    dense, moe = rows["dense"], rows["moe_ext"]
+    # width 16: dense SwiGLU F = 2 x 32 = 64 against 8 experts of F = 32, top-2
+    assert dense[1:3] == ["SwiGLU", "F=64"] and moe[1:5] == ["MoE", "8x", "F=32", "top-2"]
+    dense_params, dense_active = (int(v.replace(",", "")) for v in dense[3:5])
+    moe_params, moe_active = (int(v.replace(",", "")) for v in moe[5:7])
+    assert dense_params == dense_active and moe_params > moe_active
+    assert abs(moe_active - dense_active) <= 2 * 16 * 8  # the same FFN FLOPs; the MoE adds its routers
+    assert (tmp_path / "dense_vs_moe.png").stat().st_size > 0
+    assert (tmp_path / "expert_utilization.png").stat().st_size > 0
