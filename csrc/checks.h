@@ -163,6 +163,13 @@ inline void check_grouped_mm(const at::Tensor& x, const at::Tensor& w, const at:
               w.sym_sizes());
 }
 
+// Whether grouped_mm reads w [E, in, out] through its transpose: a .transpose(1, 2) view of a row-major
+// [E, out, in] tensor (transformers' experts layout, nn.Linear weights stacked). The kernels use it as it is
+// and give grad_w the same strides; any other non-contiguous w is copied to row-major first.
+inline bool is_transposed_weight(const at::Tensor& w) {
+  return !w.is_contiguous() && w.transpose(1, 2).is_contiguous();
+}
+
 // linear: x [T, in], weight [out, in] (nn.Linear's layout), bias [out]; one dtype and device.
 inline void check_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_floating(x, "x");

@@ -136,7 +136,12 @@ def dispatch(x: Tensor, plan: RoutingPlan) -> Tensor:
 
 
 def grouped_mm(x_sorted: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    """[N, in] x [E, in, out] -> [N, out]: rows offsets[e]:offsets[e+1] are multiplied by w[e]."""
+    """[N, in] x [E, in, out] -> [N, out]: rows offsets[e]:offsets[e+1] are multiplied by w[e].
+
+    ``w`` is read as it is when row-major or when it is the ``.transpose(1, 2)`` view of a row-major
+    [E, out, in] tensor (nn.Linear weights stacked, as transformers' experts store them); its gradient
+    comes back with ``w``'s strides, so neither the forward nor the backward copies the weights. Any
+    other non-contiguous ``w`` is copied to row-major first."""
     _require_tensor(x_sorted, "x_sorted")
     _require_tensor(w, "w")
     _require_tensor(offsets, "offsets")

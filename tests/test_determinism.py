@@ -132,6 +132,44 @@ def test_full_reductions_bitwise_same_for_1_to_4_threads(restore_num_threads):
                 assert_bitwise_equal(results[threads][name], value, f"input {seed}, {name}: {threads} threads vs 1")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
+def test_transformers_experts_bitwise_same_for_1_to_4_threads(dtype, restore_num_threads):
+    """The "moe_ext" experts implementation on transformers' [E, out, in] weights, which grouped_mm reads
+    through their transposes: output, input and routing-weight gradients and weight gradients at 1 to 4
+    threads. Rows per expert on both sides of the small-rows kernel's limit (a 4-token batch too)."""
+    pytest.importorskip("transformers")
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    import moe_ext.integrations.transformers  # noqa: F401  (registers "moe_ext")
+
+    config = MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=8, num_experts_per_tok=2)
+    config._experts_implementation = "moe_ext"
+    torch.manual_seed(0)
+    experts = MixtralExperts(config).to(dtype)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.normal_(0.0, H**-0.5)
+    for tokens in (T, 4):
+        generator = torch.Generator().manual_seed(tokens)
+        x = torch.randn(tokens, H, generator=generator).to(dtype)
+        indices = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(tokens)])
+        weights = torch.rand(tokens, 2, generator=generator).to(dtype)
+        probe = torch.randn(tokens, H, generator=generator).to(dtype)
+        results = {}
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            experts.zero_grad(set_to_none=True)
+            xg, wg = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+            y = experts(xg, indices, wg)
+            y.backward(probe)
+            results[threads] = {"y": y.detach(), "grad x": xg.grad, "grad weights": wg.grad}
+            results[threads].update({f"grad {n}": p.grad for n, p in experts.named_parameters()})
+        for threads in THREADS[1:]:
+            for name, value in results[1].items():
+                assert_bitwise_equal(results[threads][name], value, f"T={tokens} {name}: {threads} threads vs 1")
+
+
 # --------------------------------------------------------------------------------------------
 # The same module again with MKL on the code paths of Intel CPUs
 # --------------------------------------------------------------------------------------------

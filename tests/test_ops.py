@@ -219,9 +219,7 @@ def _min_selection_gap(logits64: torch.Tensor, k: int, kw: dict) -> float:
             size = E // n_group
             gs = []
             for gi in range(n_group):
-                members = sorted(
-                    (sel[e] for e in range(gi * size, (gi + 1) * size) if enabled[e]), reverse=True
-                )
+                members = sorted((sel[e] for e in range(gi * size, (gi + 1) * size) if enabled[e]), reverse=True)
                 if members:
                     gs.append(sum(members[:2]))
             gs.sort()
@@ -302,15 +300,25 @@ def dispatch_sample(T, E, k, dtype, mode="dropless", requires_grad=False, hidden
     return Sample("dispatch", {"x": x, "plan": plan}, f"T={T} E={E} k={k} {dtype} {mode}")
 
 
-def grouped_mm_sample(T, E, k, dtype, mode="dropless", requires_grad=False, dims=(IN, OUT)) -> Sample:
+def _weight(E, d_in, d_out, g, dtype, transposed, requires_grad):
+    """w [E, in, out]: row-major, or (transposed) the transpose view of a row-major [E, out, in] tensor, as
+    transformers' experts store it; a leaf either way."""
+    scale = 1 / math.sqrt(d_in)
+    if transposed:
+        return _rand((E, d_out, d_in), g, dtype, scale).transpose(1, 2).requires_grad_(requires_grad)
+    return _rand((E, d_in, d_out), g, dtype, scale, requires_grad=requires_grad)
+
+
+def grouped_mm_sample(T, E, k, dtype, mode="dropless", requires_grad=False, dims=(IN, OUT), transposed=False) -> Sample:
     g = make_generator("grouped_mm", T, E, k, dtype, mode)
     plan, _ = reference_plan(T, E, k, mode, g)
     N = plan.token_of.shape[0]
     d_in, d_out = dims
     x = _rand((N, d_in), g, dtype, requires_grad=requires_grad)
-    w = _rand((E, d_in, d_out), g, dtype, 1 / math.sqrt(d_in), requires_grad=requires_grad)
+    w = _weight(E, d_in, d_out, g, dtype, transposed, requires_grad)
+    layout = " transposed-w" if transposed else ""
     return Sample(
-        "grouped_mm", {"x_sorted": x, "w": w, "offsets": plan.offsets}, f"T={T} E={E} k={k} {dtype} {mode}"
+        "grouped_mm", {"x_sorted": x, "w": w, "offsets": plan.offsets}, f"T={T} E={E} k={k} {dtype} {mode}{layout}"
     )
 
 
@@ -414,9 +422,7 @@ def _check_gating_indices(indices, ref_indices, ref_scores, named):
     for t in differing:
         sel = ref.ref_selection_values(ref_scores[t], bias)
         got, want = indices[t].tolist(), ref_indices[t].tolist()
-        candidates = ref.ref_selection_candidates(
-            sel, enabled, named.get("n_group", 1), named.get("topk_group", 1)
-        )
+        candidates = ref.ref_selection_candidates(sel, enabled, named.get("n_group", 1), named.get("topk_group", 1))
         slack = near * max(1.0, max(abs(v) for v in sel))
         problem = None
         if len(set(got)) != k:
@@ -451,9 +457,7 @@ def check_topk_gating(sample: Sample):
     opts = {n: v for n, v in named.items() if n not in ("logits", "k")}
     weights, indices, scores = call_op("topk_gating", named)
     rd = routing_dtype(logits.dtype)
-    assert weights.dtype == rd and scores.dtype == rd, (
-        f"weights {weights.dtype}, scores {scores.dtype}, want {rd}"
-    )
+    assert weights.dtype == rd and scores.dtype == rd, f"weights {weights.dtype}, scores {scores.dtype}, want {rd}"
     assert indices.dtype == torch.int64, indices.dtype
     assert weights.shape == (T, k) and indices.shape == (T, k) and scores.shape == (T, E), (
         weights.shape,
@@ -481,9 +485,7 @@ def check_make_plan(sample: Sample):
     named = sample.named
     plan = call_op("make_plan", named)
     assert isinstance(plan, tuple) and type(plan).__name__ == "RoutingPlan", type(plan)
-    want = ref.ref_make_plan(
-        named["indices"], named["num_experts"], named.get("capacity"), named.get("priority")
-    )
+    want = ref.ref_make_plan(named["indices"], named["num_experts"], named.get("capacity"), named.get("priority"))
     for name, got, exp in zip(("row_of", "token_of", "counts", "offsets"), plan, want, strict=True):
         assert_equal(got, exp, f"{name} ({sample.desc})")
     assert plan._fields == ("row_of", "token_of", "counts", "offsets")
@@ -851,6 +853,19 @@ def test_grouped_mm_values(T, E, k, dtype, mode):
     check_grouped_mm(grouped_mm_sample(T, E, k, dtype, mode, requires_grad=True))
 
 
+@pytest.mark.parametrize("mode", PERMUTE_MODES)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("T,E,k", SHAPES, ids=SHAPE_IDS)
+def test_grouped_mm_transposed_weight_values(T, E, k, dtype, mode):
+    """w as the transpose view of [E, out, in] (transformers' layout): same values, and grad_w in w's layout."""
+    sample = grouped_mm_sample(T, E, k, dtype, mode, requires_grad=True, transposed=True)
+    check_grouped_mm(sample)
+    w = sample.named["w"]
+    out = call_op("grouped_mm", sample.named)
+    (grad_w,) = torch.autograd.grad(out, [w], torch.ones_like(out))
+    assert grad_w.stride() == w.stride(), (grad_w.stride(), w.stride())
+
+
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_grouped_mm_experts_without_rows(dtype):
     g = make_generator("gmm-empty", dtype)
@@ -864,29 +879,86 @@ def test_grouped_mm_experts_without_rows(dtype):
         assert (w.grad[e] == 0).all(), f"expert {e} has no rows but got a gradient"
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["w-row-major", "w-transposed"])
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-def test_grouped_mm_small_and_large_expert_blocks(dtype):
-    """CPU grouped_mm computes experts of <= 16 rows with its own streaming kernel and larger
-    ones with BLAS: row counts on both sides of that line (0, 1, 15, 16, 17, 40), more output
-    columns than one pass of the small kernel (600 = 2 x 256 + 88) and more than one tile (1100)."""
-    g = make_generator("gmm-small-rows", dtype)
+def test_grouped_mm_small_and_large_expert_blocks(dtype, transposed, restore_num_threads):
+    """CPU grouped_mm computes experts of <= 16 rows with its own streaming kernel (one for each
+    weight layout) and larger ones with BLAS: row counts on both sides of that line (0, 1, 15, 16,
+    17, 40), more output columns than one pass of the small kernel (600 = 2 x 256 + 88) and more
+    than one tile (1100), an input width (52) that is no multiple of the transposed kernel's lanes."""
+    g = make_generator("gmm-small-rows", dtype, transposed)
     counts = [1, 0, 15, 16, 17, 40, 3]
     offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
     for width in (600, 1100):
-        x = _rand((sum(counts), 48), g, dtype, requires_grad=True)
-        w = _rand((len(counts), 48, width), g, dtype, 1 / math.sqrt(48), requires_grad=True)
+        x = _rand((sum(counts), 52), g, dtype, requires_grad=True)
+        w = _weight(len(counts), 52, width, g, dtype, transposed, requires_grad=True)
         named = {"x_sorted": x, "w": w, "offsets": offsets}
-        check_grouped_mm(Sample("grouped_mm", named, f"rows {counts} out {width}"))
+        check_grouped_mm(Sample("grouped_mm", named, f"rows {counts} out {width} transposed={transposed}"))
         # thread count does not change a bit, on either path
-        with torch.no_grad():
-            two = ops.grouped_mm(x, w, offsets)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                one = ops.grouped_mm(x, w, offsets)
-            finally:
-                torch.set_num_threads(threads)
-        assert_bitwise_equal(one, two, f"1 vs {threads} threads")
+        results = {}
+        for threads in (1, 2, 3, 4):
+            torch.set_num_threads(threads)
+            out = ops.grouped_mm(x, w, offsets)
+            results[threads] = [out.detach(), *torch.autograd.grad(out, [x, w], torch.ones_like(out))]
+        for threads in (2, 3, 4):
+            for i, (a, b) in enumerate(zip(results[1], results[threads], strict=True)):
+                assert_bitwise_equal(b, a, f"output {i}: {threads} vs 1 threads")
+
+
+def _aten_copies(fn) -> list[str]:
+    """Names of the ATen copy ops (clone, copy_, contiguous) that `fn()` runs, at one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
+    return [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_grouped_mm_transposed_weight_is_not_copied(dtype):
+    """The forward and the backward read a transposed w as it is, and its gradient accumulates into
+    w.grad without a copy: no ATen copy runs, grad_w has w's strides. A w of another layout is
+    copied (what shows the check can fail)."""
+    g = make_generator("gmm-no-copy", dtype)
+    counts = [3, 40, 0, 20]  # the small-rows kernel and BLAS
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    x = _rand((sum(counts), 32), g, dtype, requires_grad=True)
+    w = _weight(len(counts), 32, 24, g, dtype, True, requires_grad=True)
+    gout = _rand((sum(counts), 24), g, dtype)
+    holder = {}
+    assert _aten_copies(lambda: holder.update(out=ops.grouped_mm(x, w, offsets))) == []
+    assert _aten_copies(lambda: holder["out"].backward(gout)) == []
+    assert w.grad.stride() == w.stride(), (w.grad.stride(), w.stride())
+    assert x.grad.is_contiguous()
+    # the values: check_grouped_mm's float64 reference on the same sample
+    check_grouped_mm(Sample("grouped_mm", {"x_sorted": x, "w": w, "offsets": offsets}, "no-copy sample"))
+    # every other element of a wider tensor: no layout the kernels read as it is
+    strided = _rand((len(counts), 32, 48), g, dtype)[:, :, ::2]
+    assert _aten_copies(lambda: ops.grouped_mm(x.detach(), strided, offsets)) != []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_grouped_mm_transposed_weight_compiles(dtype):
+    """torch.compile(fullgraph=True) with a transposed w: the eager values and gradients, grad_w in
+    w's layout (the Meta kernel promises the strides the CPU kernel returns)."""
+    sample = grouped_mm_sample(300, 8, 2, dtype, requires_grad=True, transposed=True)
+    x, w, offsets = (sample.named[n] for n in ("x_sorted", "w", "offsets"))
+
+    def f(x, w_stored):
+        return ops.grouped_mm(x, w_stored.transpose(1, 2), offsets)
+
+    w_stored = w.detach().transpose(1, 2).requires_grad_(True)
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        out = fn(x, w_stored)
+        grads = torch.autograd.grad(out, [x, w_stored], torch.ones_like(out))
+        assert grads[1].is_contiguous()
+        results.append([out.detach(), *grads])
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert_bitwise_equal(b, a, f"compiled vs eager, result {i}")
 
 
 @pytest.mark.parametrize("mode", PERMUTE_MODES)
@@ -907,16 +979,12 @@ def test_load_balancing_loss_known_values():
     T, E = 8, 4
     scores = torch.full((T, E), 1.0 / E, dtype=torch.float64)
     indices = torch.tensor([[0, 1], [2, 3]] * 4)
-    torch.testing.assert_close(
-        ops.load_balancing_loss(scores, indices, E), torch.tensor(2.0, dtype=torch.float64)
-    )
+    torch.testing.assert_close(ops.load_balancing_loss(scores, indices, E), torch.tensor(2.0, dtype=torch.float64))
     # All tokens to expert 0 with score 1 -> E.
     scores = torch.zeros((T, E), dtype=torch.float64)
     scores[:, 0] = 1
     indices = torch.zeros((T, 1), dtype=torch.int64)
-    torch.testing.assert_close(
-        ops.load_balancing_loss(scores, indices, E), torch.tensor(4.0, dtype=torch.float64)
-    )
+    torch.testing.assert_close(ops.load_balancing_loss(scores, indices, E), torch.tensor(4.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
@@ -973,9 +1041,7 @@ def test_pipeline_matches_dense_reference(dtype, capacity):
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_topk_gating_minus_inf_logits(dtype, score_func):
     # -inf logits (a common way to mask experts) have a meaningful answer: score 0, last choice.
-    logits = torch.tensor(
-        [[0.0, -math.inf, 1.0, -math.inf], [-math.inf, 2.0, -math.inf, -math.inf]], dtype=dtype
-    )
+    logits = torch.tensor([[0.0, -math.inf, 1.0, -math.inf], [-math.inf, 2.0, -math.inf, -math.inf]], dtype=dtype)
     logits.requires_grad_(True)
     weights, indices, scores = check_topk_gating(
         Sample("topk_gating", {"logits": logits, "k": 3, "score_func": score_func}, "-inf logits")
@@ -1109,6 +1175,9 @@ def test_grouped_mm_gradcheck():
     x = _rand((8, 3), g, torch.float64, requires_grad=True)
     w = _rand((4, 3, 5), g, torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: ops.grouped_mm(a, b, offsets), (x, w))
+    # w as the transpose view of [E, out, in]
+    w_stored = _rand((4, 5, 3), g, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.grouped_mm(a, b.transpose(1, 2), offsets), (x, w_stored))
 
 
 def test_load_balancing_loss_gradcheck():
@@ -1133,9 +1202,7 @@ def opcheck_samples(op: str) -> list[Sample]:
     if op == "topk_gating":
         return [
             gating_sample(7, 8, 2, torch.float32, requires_grad=True),
-            gating_sample(
-                7, 8, 2, torch.float64, score_func="sigmoid", variant="deepseek", requires_grad=True
-            ),
+            gating_sample(7, 8, 2, torch.float64, score_func="sigmoid", variant="deepseek", requires_grad=True),
             gating_sample(7, 8, 2, torch.bfloat16, variant="mask_group"),
             gating_sample(0, 8, 2, torch.float32, requires_grad=True),
         ]
@@ -1144,12 +1211,19 @@ def opcheck_samples(op: str) -> list[Sample]:
             make_plan_sample(0, 8, 2, "capacity")
         ]
     if op in ("dispatch", "combine", "grouped_mm"):
-        return [
+        samples = [
             sample_for(op, 7, 8, 2, torch.float32, requires_grad=True),
             sample_for(op, 7, 8, 2, torch.float64, requires_grad=True, mode="capacity"),
             sample_for(op, 7, 8, 2, torch.bfloat16, mode="capacity"),
             sample_for(op, 0, 8, 2, torch.float32, requires_grad=True),
         ]
+        if op == "grouped_mm":
+            samples += [
+                sample_for(op, 7, 8, 2, torch.float32, requires_grad=True, transposed=True),
+                sample_for(op, 40, 4, 2, torch.float64, requires_grad=True, mode="capacity", transposed=True),
+                sample_for(op, 7, 8, 2, torch.bfloat16, transposed=True),
+            ]
+        return samples
     if op == "load_balancing_loss":
         return [
             sample_for(op, 7, 8, 2, d, requires_grad=rg)
@@ -1246,11 +1320,7 @@ def _plan_named(**over):
 
 
 def _ref_plan(T=3, E=4, k=2, capacity=None):
-    indices = (
-        torch.stack([torch.arange(k) + t for t in range(T)]) % E
-        if T
-        else torch.zeros((0, k), dtype=torch.int64)
-    )
+    indices = torch.stack([torch.arange(k) + t for t in range(T)]) % E if T else torch.zeros((0, k), dtype=torch.int64)
     return plan_type()(*ref.ref_make_plan(indices, E, capacity))
 
 
@@ -1269,9 +1339,7 @@ BAD_INPUTS = [
         "topk_gating",
         "logits_nan",
         lambda: _gating(
-            logits=torch.randn(4, 8).index_put_(
-                (torch.tensor(2), torch.tensor(3)), torch.tensor(float("nan"))
-            )
+            logits=torch.randn(4, 8).index_put_((torch.tensor(2), torch.tensor(3)), torch.tensor(float("nan")))
         ),
         ("logits",),
     ),
@@ -1568,9 +1636,7 @@ def _noncontig_named(named: dict, how: str) -> dict:
     for n, v in named.items():
         if isinstance(v, torch.Tensor) and v.dim() >= 1:
             # expanded 1-D tensors (bias, mask, offsets) would change values: slice them instead.
-            out[n] = _noncontig(
-                v, how if (how != "expanded" or (v.dim() >= 2 and n != "offsets")) else "sliced"
-            )
+            out[n] = _noncontig(v, how if (how != "expanded" or (v.dim() >= 2 and n != "offsets")) else "sliced")
         elif isinstance(v, tuple) and hasattr(v, "_fields"):
             out[n] = type(v)(*[_noncontig(f, "sliced" if how == "expanded" else how) for f in v])
         else:
@@ -1602,9 +1668,7 @@ def test_noncontiguous_inputs(name, how):
     want = list(want) if isinstance(want, tuple) else [want]
     for a, b in zip(got, want, strict=True):
         if a.is_floating_point():
-            assert_close(
-                a, b.double(), a.dtype if a.dtype != torch.float64 else torch.float32, f"{name} {how}"
-            )
+            assert_close(a, b.double(), a.dtype if a.dtype != torch.float64 else torch.float32, f"{name} {how}")
         else:
             assert_equal(a, b, f"{name} {how}")
     # ... and both agree with the reference.
@@ -1646,6 +1710,13 @@ DETERMINISM_SAMPLES = {
     "make_plan_capacity": lambda d: make_plan_sample(4096, 64, 8, "capacity"),
     "dispatch": lambda d: dispatch_sample(4096, 64, 8, d, "dropless", requires_grad=True),
     "grouped_mm": lambda d: grouped_mm_sample(2048, 16, 4, d, "dropless", requires_grad=True),
+    "grouped_mm_transposed_w": lambda d: grouped_mm_sample(
+        2048, 16, 4, d, "dropless", requires_grad=True, dims=(96, 80), transposed=True
+    ),
+    # about 4 rows an expert: the small-rows kernel for the transposed layout
+    "grouped_mm_transposed_w_decode": lambda d: grouped_mm_sample(
+        32, 16, 2, d, "dropless", requires_grad=True, dims=(200, 300), transposed=True
+    ),
     # one expert, 4096 rows, 8 x 4 weights: below the parallel-region threshold, a long reduction in grad_w
     "grouped_mm_long_reduction": lambda d: grouped_mm_sample(
         4096, 1, 1, d, "dropless", requires_grad=True, dims=(8, 4)

@@ -7,7 +7,11 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,3 +343,47 @@ def test_tiny_model_matches_eager(family, tmp_path, count_backend_calls):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, served, rtol=1e-6, atol=1e-6)
     assert len(count_backend_calls) > calls
+
+
+def test_weights_reach_moe_ext_without_a_copy():
+    """Mixtral's experts store [E, out, in]; moe_ext reads their transpose views as they are: no ATen op copies a
+    tensor of a weight's shape in the forward or the backward, and each parameter's gradient has its layout."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    module = _tiny_experts(MixtralExperts, torch.float32)
+    module.config._experts_implementation = "moe_ext"
+    shapes = {tuple(p.shape) for p in module.parameters()}
+    shapes |= {shape[:1] + shape[:0:-1] for shape in shapes}  # and their transposes
+    x, indices, weights, grad = _routing(torch.float32)
+    x.requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        module(x, indices, weights).backward(grad)
+    copies = [
+        (e.name, e.input_shapes)
+        for e in prof.events()
+        if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")
+        and any(tuple(shape) in shapes for shape in e.input_shapes if isinstance(shape, list))
+    ]
+    assert copies == [], copies
+    for name, param in module.named_parameters():
+        assert param.grad.stride() == param.stride(), name
+
+
+def test_bench_hf_experts_smoke(tmp_path):
+    """benchmarks/bench_hf_experts.py at tiny sizes: every family and implementation runs, checks pass, JSON written."""
+    root = Path(__file__).resolve().parent.parent
+    path = tmp_path / "bench_hf_experts.json"
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_hf_experts.py"), "--quick", "--dtypes", "float32",
+         "--repeats", "1", "--warmup", "1", "--min-seconds", "0", "--output", str(path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(path.read_text())["runs"]
+    assert sorted(r["family"] for r in runs) == ["deepseek_v3", "gpt_oss", "mixtral", "qwen3_moe"]
+    for r in runs:
+        assert set(r["results"]) == {"eager", "grouped_mm", "batched_mm", "moe_ext", "swap"}, r["family"]
+        assert all(err <= 1e-4 for err in r["checks"].values()), (r["family"], r["checks"])
+        for per_mode in r["results"].values():
+            assert per_mode["forward"]["median_s"] > 0 and per_mode["forward+backward"]["median_s"] > 0

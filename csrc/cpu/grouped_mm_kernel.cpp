@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -68,6 +69,69 @@ MOE_EXT_ALWAYS_INLINE void small_rows_gemm(const T* x, int64_t x_stride, int64_t
 MOE_EXT_FOR_EACH_CPU_DTYPE(MOE_EXT_SMALL_ROWS_GEMM)
 #undef MOE_EXT_SMALL_ROWS_GEMM
 
+// Partial sums of one dot product in small_rows_gemm_transposed: enough independent lanes to fill the
+// widest vector registers, a number fixed by nothing but this constant.
+constexpr int64_t kDotLanes = 16;
+
+// small_rows_gemm for a transposed w: y[m, c] = sum_i x[m, i] * wt[c, i], wt rows `wt_stride` apart and
+// contiguous along i (the [out, in] storage of transformers' experts). Each output is a dot product of two
+// contiguous rows, accumulated in kDotLanes interleaved partial sums (lane l takes i = l mod kDotLanes)
+// that are then added in lane order: an order fixed by K alone. Each weight row is read once, from L1
+// for every one of the M rows.
+template <typename T>
+MOE_EXT_ALWAYS_INLINE void small_rows_gemm_transposed(const T* x, int64_t x_stride, int64_t M, int64_t K, const T* wt,
+                                                      int64_t wt_stride, int64_t cols, T* y, int64_t y_stride) {
+  using acc = kernels::acc_t<T>;
+  const int64_t body = K - K % kDotLanes;
+  for (int64_t c = 0; c < cols; ++c) {
+    const T* w_row = wt + c * wt_stride;
+    for (int64_t m = 0; m < M; ++m) {
+      const T* x_row = x + m * x_stride;
+      acc lane[kDotLanes];
+      for (int64_t l = 0; l < kDotLanes; ++l) lane[l] = acc(0);
+      for (int64_t i = 0; i < body; i += kDotLanes) {
+        MOE_EXT_IVDEP
+        for (int64_t l = 0; l < kDotLanes; ++l) {
+          lane[l] += static_cast<acc>(x_row[i + l]) * static_cast<acc>(w_row[i + l]);
+        }
+      }
+      for (int64_t i = body; i < K; ++i) lane[i - body] += static_cast<acc>(x_row[i]) * static_cast<acc>(w_row[i]);
+      acc sum = lane[0];
+      for (int64_t l = 1; l < kDotLanes; ++l) sum += lane[l];
+      y[m * y_stride + c] = static_cast<T>(sum);
+    }
+  }
+}
+
+#define MOE_EXT_SMALL_ROWS_GEMM_TRANSPOSED(T, name)                                                             \
+  MOE_EXT_CPU_CLONES void small_rows_gemm_transposed_##name(const T* x, int64_t x_stride, int64_t M, int64_t K, \
+                                                            const T* wt, int64_t wt_stride, int64_t cols, T* y, \
+                                                            int64_t y_stride) {                                 \
+    small_rows_gemm_transposed<T>(x, x_stride, M, K, wt, wt_stride, cols, y, y_stride);                         \
+  }                                                                                                             \
+  void call_small_rows_gemm_transposed(const T* x, int64_t x_stride, int64_t M, int64_t K, const T* wt,         \
+                                       int64_t wt_stride, int64_t cols, T* y, int64_t y_stride) {               \
+    small_rows_gemm_transposed_##name(x, x_stride, M, K, wt, wt_stride, cols, y, y_stride);                     \
+  }
+
+MOE_EXT_FOR_EACH_CPU_DTYPE(MOE_EXT_SMALL_ROWS_GEMM_TRANSPOSED)
+#undef MOE_EXT_SMALL_ROWS_GEMM_TRANSPOSED
+
+// w [E, in, out] as the kernels read it: element (e, i, c) at e * in * out + i * in_stride + c * out_stride of
+// w's data. Row-major, or the transposed view of a row-major [E, out, in] tensor used without a copy.
+struct Weight {
+  at::Tensor w;
+  bool transposed;
+  int64_t in_stride, out_stride;
+};
+
+Weight read_weight(const at::Tensor& w_in) {
+  const bool transposed = is_transposed_weight(w_in);
+  at::Tensor w = transposed ? w_in : w_in.contiguous();
+  const int64_t in_cols = w.size(1), out_cols = w.size(2);
+  return {std::move(w), transposed, transposed ? 1 : out_cols, transposed ? in_cols : 1};
+}
+
 // Host copy of offsets, validated: 0 = offsets[0] <= ... <= offsets[E] = N.
 std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t num_rows) {
   const at::Tensor host = offsets.to(at::kCPU).contiguous();
@@ -85,7 +149,9 @@ std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t num_rows) {
 
 at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& offsets) {
   check_grouped_mm(x_in, w_in, offsets);
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
+  const Weight wt = read_weight(w_in);
+  const at::Tensor& w = wt.w;
   const int64_t N = x.size(0), E = w.size(0), out_cols = w.size(2);
   const auto bounds = read_offsets(offsets, N);
   std::vector<int64_t> begin(bounds.begin(), bounds.end() - 1), count(E);
@@ -95,17 +161,25 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const 
   run_tiles(
       make_tiles(begin, count, out_cols), [&](const Tile& t) { return t.rows * t.cols * in_cols; },
       [&](const Tile& t) {
+        // w[e][:, col0:col0 + cols]
+        const int64_t w_offset = t.group * in_cols * out_cols + t.col0 * wt.out_stride;
         if (t.rows <= kSmallRows) {
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_mm_small_rows", [&] {
-            call_small_rows_gemm(x.const_data_ptr<scalar_t>() + t.row0 * in_cols, in_cols, t.rows, in_cols,
-                                 w.const_data_ptr<scalar_t>() + t.group * in_cols * out_cols + t.col0, out_cols, t.cols,
-                                 y.mutable_data_ptr<scalar_t>() + t.row0 * out_cols + t.col0, out_cols);
+            const scalar_t* x_rows = x.const_data_ptr<scalar_t>() + t.row0 * in_cols;
+            const scalar_t* w_cols = w.const_data_ptr<scalar_t>() + w_offset;
+            scalar_t* y_rows = y.mutable_data_ptr<scalar_t>() + t.row0 * out_cols + t.col0;
+            if (wt.transposed) {
+              call_small_rows_gemm_transposed(x_rows, in_cols, t.rows, in_cols, w_cols, in_cols, t.cols, y_rows,
+                                              out_cols);
+            } else {
+              call_small_rows_gemm(x_rows, in_cols, t.rows, in_cols, w_cols, out_cols, t.cols, y_rows, out_cols);
+            }
           });
           return;
         }
         at::Tensor out = view(y, t.row0 * out_cols + t.col0, t.rows, t.cols, out_cols, 1);
         at::mm_out(out, view(x, t.row0 * in_cols, t.rows, in_cols, in_cols, 1),
-                   view(w, t.group * in_cols * out_cols + t.col0, in_cols, t.cols, out_cols, 1));
+                   view(w, w_offset, in_cols, t.cols, wt.in_stride, wt.out_stride));
       });
   return y;
 }
@@ -116,7 +190,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == x_in.size(0) && grad_in.size(1) == w_in.size(2),
               "moe_ext: grad_y must have shape [N, out] = [", x_in.size(0), ", ", w_in.size(2), "], got ",
               grad_in.sizes());
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
+  const Weight wt = read_weight(w_in);
+  const at::Tensor& w = wt.w;
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
   const int64_t N = x.size(0), E = w.size(0), in_cols = w.size(1), out_cols = w.size(2);
   const auto bounds = read_offsets(offsets, N);
@@ -131,26 +207,32 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
         at::Tensor out = view(grad_x, t.row0 * in_cols + t.col0, t.rows, t.cols, in_cols, 1);
         // w[e][col0:col0 + cols, :]^T
         at::mm_out(out, view(grad, t.row0 * out_cols, t.rows, out_cols, out_cols, 1),
-                   view(w, (t.group * in_cols + t.col0) * out_cols, out_cols, t.cols, 1, out_cols));
+                   view(w, t.group * in_cols * out_cols + t.col0 * wt.in_stride, out_cols, t.cols, wt.out_stride,
+                        wt.in_stride));
       });
 
-  // grad_w[e] = x[rows of e]^T @ grad_y[rows of e]: tiles over [in, out] of
-  // every expert, each reducing over all of that expert's rows.
-  at::Tensor grad_w = cpu::empty_output({E, in_cols, out_cols}, w.options());
-  std::vector<int64_t> zero_begin(E, 0), in_rows(E, in_cols);
+  // grad_w[e] = x[rows of e]^T @ grad_y[rows of e], stored in w's layout so that autograd takes it without a
+  // copy: row-major [E, in, out], or for a transposed w the row-major [E, out, in] grad_y[rows]^T @ x[rows].
+  // Tiles over that stored matrix of every expert, each reducing over all of that expert's rows.
+  const at::Tensor& left = wt.transposed ? grad : x;
+  const at::Tensor& right = wt.transposed ? x : grad;
+  const int64_t left_cols = left.size(1), right_cols = right.size(1);
+  at::Tensor grad_w_stored = cpu::empty_output({E, left_cols, right_cols}, w.options());
+  std::vector<int64_t> zero_begin(E, 0), stored_rows(E, left_cols);
   const auto depth = [&](const Tile& t) { return t.rows * t.cols * count[t.group]; };
-  run_tiles(make_tiles(zero_begin, in_rows, out_cols), depth, [&](const Tile& t) {
-    at::Tensor out = view(grad_w, (t.group * in_cols + t.row0) * out_cols + t.col0, t.rows, t.cols, out_cols, 1);
+  run_tiles(make_tiles(zero_begin, stored_rows, right_cols), depth, [&](const Tile& t) {
+    at::Tensor out =
+        view(grad_w_stored, (t.group * left_cols + t.row0) * right_cols + t.col0, t.rows, t.cols, right_cols, 1);
     const int64_t rows = count[t.group], first = begin[t.group];
     if (rows == 0) {
       out.zero_();
       return;
     }
-    // x[first:first + rows, row0:row0 + tile rows]^T @ grad[first:first + rows, col0:col0 + cols]
-    at::mm_out(out, view(x, first * in_cols + t.row0, t.rows, rows, 1, in_cols),
-               view(grad, first * out_cols + t.col0, rows, t.cols, out_cols, 1));
+    // left[first:first + rows, row0:row0 + tile rows]^T @ right[first:first + rows, col0:col0 + cols]
+    at::mm_out(out, view(left, first * left_cols + t.row0, t.rows, rows, 1, left_cols),
+               view(right, first * right_cols + t.col0, rows, t.cols, right_cols, 1));
   });
-  return {grad_x, grad_w};
+  return {grad_x, wt.transposed ? grad_w_stored.transpose(1, 2) : grad_w_stored};
 }
 
 }  // namespace

@@ -76,7 +76,9 @@ at::Tensor device_group_ends(const at::Tensor& offsets, int64_t num_rows) {
 at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& offsets_in) {
   check_grouped_mm(x_in, w_in, offsets_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), offsets = offsets_in.contiguous();
+  // A transposed w (is_transposed_weight) is used as it is: cuBLAS reads it with the transpose flag.
+  const at::Tensor x = x_in.contiguous(), offsets = offsets_in.contiguous();
+  const at::Tensor w = is_transposed_weight(w_in) ? w_in : w_in.contiguous();
   const int64_t N = x.size(0), E = w.size(0), out_cols = w.size(2);
   // .contiguous(): the Meta kernel promises contiguous outputs (a no-op for the sizes this path takes).
   if (use_torch_grouped_mm(x, w)) {
@@ -102,20 +104,26 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
               grad_in.sizes());
   check_same_device(grad_in, x_in, "grad_y", "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), offsets = offsets_in.contiguous();
+  const bool transposed = is_transposed_weight(w_in);
+  const at::Tensor x = x_in.contiguous(), offsets = offsets_in.contiguous();
+  const at::Tensor w = transposed ? w_in : w_in.contiguous();
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
   const int64_t N = x.size(0), E = w.size(0), in_cols = w.size(1), out_cols = w.size(2);
+  // grad_w comes back in w's layout (the Meta kernel's promise), so autograd takes it without a copy.
   if (use_torch_grouped_mm(x, w)) {
     const at::Tensor ends = device_group_ends(offsets.to(x.device()), N);
     // grad_x = grad_y @ w[e]^T per row group; grad_w[e] = x[rows]^T @ grad_y[rows] (groups along N,
-    // empty groups give zeros).
-    return {at::_grouped_mm(grad, w.transpose(1, 2), ends).contiguous(),
-            at::_grouped_mm(x.t(), grad, ends).contiguous()};
+    // empty groups give zeros), for a transposed w computed as its [E, out, in] storage grad_y[rows]^T @ x[rows].
+    at::Tensor grad_x = at::_grouped_mm(grad, w.transpose(1, 2), ends).contiguous();
+    if (transposed) return {grad_x, at::_grouped_mm(grad.t(), x, ends).contiguous().transpose(1, 2)};
+    return {grad_x, at::_grouped_mm(x.t(), grad, ends).contiguous()};
   }
 
   const auto bounds = read_offsets(offsets, N);
   at::Tensor grad_x = at::empty({N, in_cols}, x.options());
-  at::Tensor grad_w = at::empty({E, in_cols, out_cols}, w.options());
+  // cuBLAS writes a column-major grad_w[e] (the transposed layout) as directly as a row-major one.
+  at::Tensor grad_w = transposed ? at::empty({E, out_cols, in_cols}, w.options()).transpose(1, 2)
+                                 : at::empty({E, in_cols, out_cols}, w.options());
   for (int64_t e = 0; e < E; ++e) {
     const int64_t begin = bounds[e], count = bounds[e + 1] - bounds[e];
     at::Tensor grad_w_e = grad_w[e];

@@ -81,7 +81,11 @@ at::Tensor grouped_mm_meta(const at::Tensor& x, const at::Tensor& w, const at::T
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_meta(const at::Tensor& grad, const at::Tensor& x,
                                                             const at::Tensor& w, const at::Tensor& offsets) {
   check_grouped_mm(x, w, offsets);
-  return {at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(w.sym_sizes(), w.options())};
+  // grad_w in w's layout, as every backend returns it
+  at::Tensor grad_w = is_transposed_weight(w)
+                          ? at::empty_symint({w.sym_size(0), w.sym_size(2), w.sym_size(1)}, w.options()).transpose(1, 2)
+                          : at::empty_symint(w.sym_sizes(), w.options());
+  return {at::empty_symint(x.sym_sizes(), x.options()), grad_w};
 }
 
 at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
