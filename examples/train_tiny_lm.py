@@ -175,13 +175,13 @@ def plot_comparison(runs: list[dict], path: str) -> bool:
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for run in runs:
         label = f"{run['name']} ({run['parameters'] / 1e6:.2f}M params, {run['active_parameters'] / 1e6:.2f}M active)"
-        by_step.plot(run["eval_steps"], run["eval_losses"], marker="o", markersize=3, label=label)
-        by_time.plot(run["eval_seconds"], run["eval_losses"], marker="o", markersize=3, label=label)
+        by_step.plot(run["eval_steps"][1:], run["eval_losses"][1:], marker="o", markersize=3, label=label)
+        by_time.plot(run["eval_seconds"][1:], run["eval_losses"][1:], marker="o", markersize=3, label=label)
     by_step.set_xlabel("step")
     by_time.set_xlabel("training wall time (s)")
     by_step.set_ylabel("validation loss (nats/byte)")
     by_step.legend(fontsize=7)
-    fig.suptitle("Dense baseline vs moe_ext MoE at the same active FLOPs per token")
+    fig.suptitle("Dense baseline vs moe_ext MoE at the same active FLOPs per token (from the first log step)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
