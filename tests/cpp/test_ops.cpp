@@ -584,7 +584,18 @@ TEST(Pipeline, NonContiguousInputsGiveTheSameResults) {
     return moe_ext::combine(moe_ext::grouped_mm(moe_ext::dispatch(xs, plan.token_of, plan.row_of), ws, plan.offsets),
                             weights, plan.row_of, plan.token_of);
   };
-  EXPECT_TRUE(at::equal(run(logits, x, w), run(logits.contiguous(), x.contiguous(), w.contiguous())));
+  // Non-contiguous logits and x are copied first: the same bits.
+  const Tensor reference = run(logits.contiguous(), x.contiguous(), w.contiguous());
+  EXPECT_TRUE(at::equal(run(logits, x, w.contiguous()), reference));
+  // A transposed w ([E, out, in] storage) is read in place, by GEMMs over the other layout: each output is
+  // summed in another fixed order, so equal within rounding (and bitwise the same from run to run).
+  const Tensor transposed = run(logits, x, w);
+  EXPECT_TRUE(at::allclose(transposed, reference, 1e-5, 1e-6));
+  EXPECT_TRUE(at::equal(transposed, run(logits, x, w)));
+  // Any other non-contiguous w (here every other expert) is copied to row-major: the same bits again.
+  const Tensor spaced_t = randn({2 * E, H, F}), spaced = spaced_t.slice(0, 0, 2 * E, 2);
+  ASSERT_FALSE(spaced.is_contiguous());
+  EXPECT_TRUE(at::equal(run(logits, x, spaced), run(logits, x, spaced.contiguous())));
 }
 
 // Runs `run` at 1, 2, 3 and 4 threads (3 and 4 oversubscribe a 2-core machine: still valid counts) and
