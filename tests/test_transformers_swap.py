@@ -33,7 +33,7 @@ COMMON = dict(
     router_aux_loss_coef=0.1,  # large, so a wrong aux-loss gradient shows in the parameter gradients
 )
 
-# The DeepSeek-V3 router (sigmoid, selection bias, groups scored by their best two, scaling), 8 experts in 4 groups.
+# The DeepSeek-V3 router (sigmoid, selection bias, groups scored by their best two, scaling), 16 experts in 4 groups.
 GROUPED = dict(
     moe_intermediate_size=24,
     n_routed_experts=16,
