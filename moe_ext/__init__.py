@@ -6,6 +6,8 @@ from .experts import Experts
 from .layer import MoE, RoutingStats, aux_loss, set_aux_loss_scale
 from .monitor import ExpertUsage, GroupSkew, RoutingTrace, trace_routing
 from .ops import RoutingPlan
+from .recompute import checkpoint_context
+from .replay import RoutingReplay, replay_routing
 
 __version__ = "0.1.0"
 
@@ -16,12 +18,15 @@ __all__ = [
     "MoE",
     "RoutingPlan",
     "RoutingStats",
+    "RoutingReplay",
     "RoutingTrace",
     "aux_loss",
+    "checkpoint_context",
     "distributed",
     "memory",
     "ops",
     "replace_modules",
+    "replay_routing",
     "upcycle",
     "set_aux_loss_scale",
     "trace_routing",

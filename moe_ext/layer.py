@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import ops, routing
+from . import ops, recompute, routing
 from .aux_loss import AuxLossInjector, weighted_aux_loss
 from .expert_control import ExpertControl
 from .experts import Experts, check_expert_sizes
 from .linear import Linear
 from .ops import RoutingPlan
+from .recompute import ForcedRouting
 from .router import Routing, capacity, expert_choice, router_logits, routing_mask, token_choice
 from .shared_expert import SharedExpert
 from .stats import RoutingStats, routing_stats
@@ -281,6 +284,8 @@ class MoE(ExpertControl, Experts):
         self.track_stats = True
         self._restriction: tuple[Tensor, Tensor] | None = None
         self._trace_sink = None  # set by moe_ext.trace_routing while a trace records
+        self._replay = None  # set by moe_ext.replay_routing while a routing replays
+        self._recomputed = False  # the last forward was a checkpoint recompute (not counted by ExpertUsage)
 
     @classmethod
     def from_preset(cls, name: str, hidden_size: int, ffn_hidden_size: int, **overrides) -> MoE:
@@ -341,21 +346,40 @@ class MoE(ExpertControl, Experts):
         self._check_input(x)
         leading_shape = x.shape[:-1]
         tokens = x.reshape(-1, self.hidden_size)
-        logits = router_logits(
-            self.router,
-            self.noise,
-            tokens,
-            router_dtype=self.router_dtype,
-            jitter=self.router_jitter,
-            training=self.training,
-            generator=self.generator,
-        )
-        weights, indices, scores, plan = self.route(logits.routed, leading_shape)
+        # Compiled graphs recompute inside the graph; replays are taken outside it (a graph break).
+        compiling = torch.compiler.is_compiling()
+        frame, recomputing = (None, False) if compiling else recompute.current()
+        if recomputing:  # a checkpoint recompute under moe_ext.checkpoint_context: route as the first pass
+            stash = recompute.take(frame, self, self._layer_name())
+            forced, generator_state = stash.routing, stash.generator_state
+        else:
+            recomputing = False if compiling else self._check_plain_recompute()
+            forced = _take_replay(self._replay, self, tokens.shape[0], leading_shape) if self._replay else None
+            generator_state = None
+            if frame is not None and self.generator is not None:
+                generator_state = self.generator.get_state()
+        with _generator_at(self.generator, generator_state if recomputing else None):
+            logits = router_logits(
+                self.router,
+                self.noise,
+                tokens,
+                router_dtype=self.router_dtype,
+                jitter=self.router_jitter,
+                training=self.training,
+                generator=self.generator,
+            )
+            weights, indices, scores, plan = self.route(
+                logits.routed, leading_shape, forced=forced, update_bias=not recomputing
+            )
+        if frame is not None and not recomputing:
+            recompute.store(frame, self, self._used_routing(forced, indices, plan), generator_state)
         y = self.apply_plan(tokens, plan, weights)
         if self.shared_expert is not None:
             y = y + self._shared_expert(tokens)
         y = self._add_aux_loss(y, logits, scores, indices, weights, leading_shape)
-        self._record(plan, indices, weights, scores, leading_shape)
+        self._recomputed = recomputing
+        if not recomputing:  # statistics, usage and traces count each forward once
+            self._record(plan, indices, weights, scores, leading_shape)
         y = ops.as_output(y, x.shape)  # not a view: see ops.as_output
         if return_routing:
             return y, Routing(logits.routed, weights, indices)
@@ -379,15 +403,22 @@ class MoE(ExpertControl, Experts):
                 f"convert one of them (for example layer.to({x.dtype}))"
             )
 
-    def route(self, logits: Tensor, leading_shape: torch.Size) -> tuple[Tensor, Tensor | None, Tensor, RoutingPlan]:
+    def route(
+        self,
+        logits: Tensor,
+        leading_shape: torch.Size,
+        forced: ForcedRouting | None = None,
+        update_bias: bool = True,
+    ) -> tuple[Tensor, Tensor | None, Tensor, RoutingPlan]:
         """(weights, indices, scores, plan) for router logits [T, E] under the layer's routing settings
         (token or expert choice, masks and restrictions, capacity and drop policy); in training with
-        ``bias_update_rate``, also the aux-loss-free update of ``selection_bias``."""
+        ``bias_update_rate`` (and ``update_bias``), also the aux-loss-free update of ``selection_bias``.
+        ``forced``: the routing to use instead of choosing one (see :mod:`moe_ext.replay`)."""
         num_tokens = logits.shape[0]
         mask = routing_mask(self.expert_mask, self._restriction, leading_shape, num_tokens)
         rows = self.capacity(num_tokens)
         if self.router_type == "expert_choice":
-            return expert_choice(logits, mask, score_func=self.score_func, capacity=rows)
+            return expert_choice(logits, mask, score_func=self.score_func, capacity=rows, forced=forced)
         weights, indices, scores, plan = token_choice(
             logits,
             mask,
@@ -404,8 +435,9 @@ class MoE(ExpertControl, Experts):
             random_routing=self.random_routing,
             training=self.training,
             generator=self.generator,
+            forced=forced,
         )
-        if self.bias_update_rate and self.training:
+        if self.bias_update_rate and self.training and update_bias:
             counts = plan.counts
             group = self.bias_update_group if self.bias_update_group is not None else self.expert_parallel_group
             if group is not None:
@@ -414,6 +446,49 @@ class MoE(ExpertControl, Experts):
                 dist.all_reduce(counts, group=group)
             routing.balance_bias_update(self.selection_bias, counts, self.bias_update_rate)
         return weights, indices, scores, plan
+
+    # ----- replay and checkpoint recompute ----------------------------------------------------------
+
+    def _layer_name(self) -> str:
+        return getattr(self, "_trace_name", None) or f"layer {self.__class__.__name__}(E={self.num_experts})"
+
+    def _draws_randomness(self) -> bool:
+        """True when a training forward draws random numbers (jitter, noise, random routing or drops)."""
+        dropping = self.capacity_factor is not None
+        return bool(
+            self.router_jitter > 0
+            or self.noisy_gating
+            or (dropping and (self.random_routing or self.drop_policy == "random"))
+        )
+
+    def _check_plain_recompute(self) -> bool:
+        """True for a forward that autograd's engine runs (a recompute of a plain activation checkpoint);
+        raises where that recompute would route otherwise than the first pass."""
+        if not (recompute.in_backward() and self.training and torch.is_grad_enabled()):
+            return False
+        reasons = []
+        if self.generator is not None and self._draws_randomness():
+            reasons.append("draws from its own generator, which the checkpoint does not restore")
+        if self.bias_update_rate:
+            reasons.append("updated its selection_bias in the first pass")
+        if self._replay is not None:
+            reasons.append("replays a routing, and a plain recompute cannot tell which forward it repeats")
+        if reasons:
+            raise RuntimeError(
+                f"MoE {self._layer_name()} runs inside backward (an activation-checkpoint recompute) and "
+                f"{'; '.join(reasons)}: its recompute would route otherwise than its first pass. Checkpoint "
+                "with torch.utils.checkpoint.checkpoint(..., use_reentrant=False, "
+                "context_fn=moe_ext.checkpoint_context) (transformers: activation_checkpointing_kwargs="
+                '{"use_reentrant": False, "context_fn": moe_ext.checkpoint_context})'
+            )
+        return True
+
+    def _used_routing(self, forced: ForcedRouting | None, indices: Tensor | None, plan: RoutingPlan) -> ForcedRouting:
+        """The routing this forward used, for its checkpoint recompute."""
+        if indices is None:  # expert choice
+            return ForcedRouting(_expert_choice_indices(plan.row_of), forced.weights if forced else None)
+        dropped = plan.row_of < 0 if self.capacity(plan.row_of.shape[0]) is not None else None
+        return ForcedRouting(indices, forced.weights if forced else None, dropped)
 
     def _shared_expert(self, tokens: Tensor) -> Tensor:
         shared = self.shared_expert(tokens)
@@ -458,6 +533,25 @@ class MoE(ExpertControl, Experts):
         if self._trace_sink is not None:
             traced = indices if indices is not None else _expert_choice_indices(plan.row_of)
             self._trace_sink.record(self, traced, weights.detach(), plan.row_of, leading_shape)
+
+
+@torch.compiler.disable
+def _take_replay(replay, layer: MoE, num_tokens: int, leading_shape: torch.Size) -> ForcedRouting:
+    return replay.take(layer, num_tokens, leading_shape)
+
+
+@contextlib.contextmanager
+def _generator_at(generator: torch.Generator | None, state: Tensor | None):
+    """Runs the block with ``generator`` in ``state`` (None: as it is), then puts its own state back."""
+    if generator is None or state is None:
+        yield
+        return
+    saved = generator.get_state()
+    generator.set_state(state)
+    try:
+        yield
+    finally:
+        generator.set_state(saved)
 
 
 def _expert_choice_indices(row_of: Tensor) -> Tensor:

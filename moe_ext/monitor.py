@@ -43,7 +43,7 @@ class ExpertUsage:
     def _hook(self, index: int):
         def hook(layer: MoE, inputs, output) -> None:
             stats = layer.last_stats
-            if stats is None or not layer.track_stats:
+            if stats is None or not layer.track_stats or layer._recomputed:
                 return
             with torch.no_grad():
                 device = stats.tokens_per_expert.device

@@ -15,6 +15,7 @@ __all__ = [
     "RoutingPlan",
     "as_output",
     "topk_gating",
+    "forced_gating",
     "make_plan",
     "expert_choice_plan",
     "dispatch",
@@ -95,6 +96,102 @@ def topk_gating(
     return torch.ops.moe_ext.topk_gating(
         logits, k, score_func, normalize, bias, float(scale), n_group, topk_group, expert_mask
     )
+
+
+class _ForcedGating(torch.autograd.Function):
+    """Weights at given experts with ``topk_gating``'s arithmetic; backward is its C++ backward."""
+
+    @staticmethod
+    def forward(ctx, logits, indices, score_func, normalize, scale, expert_mask):
+        _, _, scores = torch.ops.moe_ext.topk_gating(logits, 1, score_func, False, None, 1.0, 1, 1, expert_mask)
+        picked = scores.gather(1, indices)
+        if normalize:
+            # kernels::token_weights: s_j / (((s_0 + s_1) + ...) + eps) * scale, summed in choice order.
+            total = picked[:, 0]
+            for j in range(1, picked.shape[1]):
+                total = total + picked[:, j]
+            weights = picked / (total + _NORMALIZE_EPS).unsqueeze(1) * scale
+        else:
+            weights = picked * scale
+        ctx.save_for_backward(scores, indices)
+        ctx.config = (score_func, normalize, scale, logits.dtype)
+        ctx.mark_non_differentiable(indices)
+        return weights, indices, scores
+
+    @staticmethod
+    def backward(ctx, grad_weights, grad_indices, grad_scores):
+        scores, indices = ctx.saved_tensors
+        score_func, normalize, scale, dtype = ctx.config
+        grad_logits = torch.ops.moe_ext.topk_gating_backward(
+            grad_weights, grad_scores, scores, indices, score_func, normalize, scale, dtype
+        )
+        return grad_logits, None, None, None, None, None
+
+
+_NORMALIZE_EPS = 1e-20  # kernels/gating.h kNormalizeEps
+
+
+def forced_gating(
+    logits: Tensor,
+    indices: Tensor,
+    score_func: str = "softmax",
+    normalize: bool = True,
+    scale: float = 1.0,
+    expert_mask: Tensor | None = None,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``topk_gating`` with the experts given instead of chosen: (weights [T, k], indices, scores [T, E]).
+
+    The weights and every gradient are bitwise those ``topk_gating`` gives when it chooses
+    ``indices`` itself (same scores, same sums in the same order, the same C++ backward), so a
+    replayed routing trains exactly as the routing it replays. ``indices`` [T, k]: distinct experts
+    per token in [0, E), each enabled by ``expert_mask`` ([E] or [T, E]); anything else raises
+    (``validate=False`` skips that check and its host sync, for indices checked already).
+    """
+    _require_tensor(logits, "logits")
+    _require_tensor(indices, "indices")
+    if logits.dim() != 2:
+        raise ValueError(f"forced_gating: logits must be [T, E], got shape {tuple(logits.shape)}")
+    T, E = logits.shape
+    if indices.dim() != 2 or indices.shape[0] != T or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise ValueError(
+            f"forced_gating: indices must be an integer [T = {T}, k] tensor, got {indices.dtype} {tuple(indices.shape)}"
+        )
+    if indices.device != logits.device:
+        raise ValueError(f"forced_gating: indices are on {indices.device} but logits on {logits.device}")
+    indices = indices.long().contiguous()
+    k = indices.shape[1]
+    if not 1 <= k <= E:
+        raise ValueError(f"forced_gating: indices must name 1 <= k <= E = {E} experts per token, got k = {k}")
+    if validate:
+        problem = forced_indices_problem(indices, E, expert_mask)
+        if problem is not None:
+            raise ValueError(f"forced_gating: {problem}")
+    return _ForcedGating.apply(logits, indices, score_func, normalize, float(scale), expert_mask)
+
+
+def forced_indices_problem(indices: Tensor, num_experts: int, expert_mask: Tensor | None = None) -> str | None:
+    """What is wrong with experts [T, k] given per token (None: nothing): each must be in
+    [0, num_experts), distinct within its token and enabled by ``expert_mask`` ([E] or [T, E]).
+    One host sync."""
+    T, k = indices.shape
+    if T == 0:
+        return None
+    E = num_experts
+    in_range = (indices >= 0) & (indices < E)
+    safe = indices.clamp(0, E - 1)
+    ordered = safe.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1) if k > 1 else torch.zeros_like(in_range[:, 0])
+    enabled = torch.ones_like(in_range)
+    if expert_mask is not None:
+        enabled = expert_mask.to(indices.device).expand(T, E).gather(1, safe)
+    bad = torch.stack([~in_range.all(1), repeated, ~enabled.all(1)])
+    if not bool(bad.any()):
+        return None
+    what = ["an expert outside [0, E)", "the same expert twice", "a disabled expert"]
+    first = int(bad.any(1).nonzero()[0])
+    token = int(bad[first].nonzero()[0])
+    return f"token {token}'s experts {indices[token].tolist()} name {what[first]} (E = {E})"
 
 
 def make_plan(

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, routing
+from .recompute import ForcedRouting
 
 __all__ = ["Logits", "Routing", "capacity", "expert_choice", "router_logits", "routing_mask", "token_choice"]
 
@@ -124,13 +125,25 @@ def token_choice(
     random_routing: bool,
     training: bool,
     generator: torch.Generator | None,
+    forced: ForcedRouting | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, ops.RoutingPlan]:
     """(weights [T, k], indices [T, k], scores [T, E], plan): each token picks its top_k experts
     (``ops.topk_gating``); with a capacity, ``drop_policy`` and GShard's ``random_routing`` decide
-    which assignments a full expert keeps."""
-    weights, indices, scores = ops.topk_gating(
-        logits, top_k, score_func, normalize, selection_bias, scale, n_group, topk_group, mask
-    )
+    which assignments a full expert keeps.
+
+    ``forced``: use its experts (``ops.forced_gating``: the weights and gradients the layer's own
+    choice of them would give), its weights if it has them, and its drops if it has them. The
+    random draws happen as without it, so the generator ends in the same state."""
+    if forced is None:
+        weights, indices, scores = ops.topk_gating(
+            logits, top_k, score_func, normalize, selection_bias, scale, n_group, topk_group, mask
+        )
+    else:
+        weights, indices, scores = ops.forced_gating(
+            logits, forced.indices, score_func, normalize, scale, mask, validate=False
+        )
+        if forced.weights is not None:
+            weights = forced.weights.to(device=weights.device, dtype=weights.dtype)
     priority = None
     if capacity is not None:
         # Random token selection is a training regularizer: evaluation keeps the position order.
@@ -141,16 +154,67 @@ def token_choice(
                 priority = torch.zeros_like(weights)
             drop = routing.gshard_second_expert_drop(weights, generator)
             priority = priority.masked_fill(drop, float("-inf"))
+    if forced is not None and forced.dropped is not None and capacity is not None:
+        # Rows are laid out in token order whatever the priority: keeping exactly the recorded
+        # assignments gives the recorded plan.
+        priority = torch.zeros_like(weights).masked_fill(forced.dropped.to(weights.device), float("-inf"))
     plan = ops.make_plan(indices, num_experts, capacity, priority)
     return weights, indices, scores, plan
 
 
 def expert_choice(
-    logits: Tensor, mask: Tensor, *, score_func: str, capacity: int
+    logits: Tensor, mask: Tensor, *, score_func: str, capacity: int, forced: ForcedRouting | None = None
 ) -> tuple[Tensor, None, Tensor, ops.RoutingPlan]:
     """(weights [T, E], None, scores [T, E], plan): each expert takes its ``capacity`` best tokens
-    by per-token score (Zhou et al. 2022); weights are the scores where taken, 0 elsewhere."""
+    by per-token score (Zhou et al. 2022); weights are the scores where taken, 0 elsewhere.
+
+    ``forced``: its ``indices`` [T, E] (the expert id where the expert takes the token, -1 elsewhere)
+    replace the experts' choice, at most ``capacity`` tokens each."""
     _, _, scores = ops.topk_gating(logits, 1, score_func, False, None, 1.0, 1, 1, mask)
-    plan = ops.expert_choice_plan(scores.detach(), capacity)
+    if forced is None:
+        plan = ops.expert_choice_plan(scores.detach(), capacity)
+    else:
+        plan = _forced_expert_choice_plan(forced.indices.to(scores.device), capacity)
     weights = torch.where(plan.row_of >= 0, scores, torch.zeros_like(scores))
+    if forced is not None and forced.weights is not None:
+        weights = forced.weights.to(device=weights.device, dtype=weights.dtype)
     return weights, None, scores, plan
+
+
+def _forced_expert_choice_plan(taken_by: Tensor, capacity: int) -> ops.RoutingPlan:
+    """The expert-choice plan in which expert e takes the tokens t with taken_by[t, e] == e (token order);
+    ``taken_by`` is checked already (``forced_expert_choice_problem``)."""
+    T, E = taken_by.shape
+    experts = torch.arange(E, device=taken_by.device)
+    taken = taken_by.long() == experts
+    counts = taken.sum(0)
+    rank = taken.long().cumsum(0) - 1
+    row_of = torch.where(taken, experts * capacity + rank, torch.full_like(rank, -1))
+    # Untaken entries write to one spare slot past the end (no host sync, unlike boolean indexing).
+    token_of = torch.full((E * capacity + 1,), -1, dtype=torch.long, device=taken_by.device)
+    tokens = torch.arange(T, device=taken_by.device).unsqueeze(1).expand(T, E)
+    token_of.scatter_(0, torch.where(taken, row_of, E * capacity).flatten(), tokens.flatten())
+    token_of = token_of[:-1]
+    offsets = torch.arange(E + 1, device=taken_by.device) * capacity
+    return ops.RoutingPlan(row_of, token_of, counts, offsets)
+
+
+def forced_expert_choice_problem(taken_by: Tensor, capacity: int, mask: Tensor) -> str | None:
+    """What is wrong with a given expert-choice routing [T, E] (None: nothing): entry [t, e] must be
+    e (expert e takes token t) or -1, no expert takes more than ``capacity`` tokens, and none takes
+    a token ``mask`` ([E] or [T, E]) disables for it. One host sync."""
+    T, E = taken_by.shape
+    taken = taken_by.long() == torch.arange(E, device=taken_by.device)
+    counts = taken.sum(0)
+    bad = torch.stack(
+        [((taken_by.long() != -1) & ~taken).any(), (counts > capacity).any(), (taken & ~mask.expand(T, E)).any()]
+    )
+    if not bool(bad.any()):
+        return None
+    if bad[0]:
+        return "entry [t, e] must be e (expert e takes token t) or -1 (it does not)"
+    if bad[1]:
+        e = int((counts > capacity).nonzero()[0])
+        return f"expert {e} takes {int(counts[e])} tokens, more than the layer's capacity of {capacity}"
+    t, e = (taken & ~mask.expand(T, E)).nonzero()[0].tolist()
+    return f"disabled expert {e} takes token {t}"
