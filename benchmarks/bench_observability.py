@@ -1,91 +1,101 @@
-"""Cost of router observability: layer forward with routing stats on/off and with the routing trace on/off.
+"""Cost of router observability: routing stats, the routing trace, ExpertUsage and per-expert health.
 
-    python benchmarks/bench_observability.py [--tokens 4096 --hidden 512 --ffn 1024 --experts 8 --top-k 2]
+    python benchmarks/bench_observability.py [--tokens 4096 --hidden 512 --repeats 20]
 
-Runs the variants interleaved (A, B, A, B, ...) so machine noise hits both
-alike, reports medians, and writes benchmarks/results/observability.json.
+Two configs (mixtral-like E=8 k=2 F=1024, fine-grained E=64 k=8 F=256). Forward only: stats off /
+on (the default) / on with a trace. Training step (forward, backward, Adam step): nothing watching /
+ExpertUsage / ExpertUsage(health=True) / that with watch(optimizer) measuring gradient norms and
+update ratios every 50 steps (the default) or every step. Variants run interleaved so machine noise
+hits all alike; medians and overheads are printed and written to benchmarks/results/observability.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import time
 
 import torch
+from _common import environment, fmt_ms, print_table, time_interleaved, write_json
 
 import moe_ext
+
+CONFIGS = {"mixtral-like": dict(ffn=1024, experts=8, top_k=2), "fine-grained": dict(ffn=256, experts=64, top_k=8)}
+
+
+def forward_variants(layer: moe_ext.MoE, x: torch.Tensor) -> dict:
+    def plain():
+        layer.track_stats = False
+        with torch.no_grad():
+            layer(x)
+
+    def stats():
+        layer.track_stats = True
+        with torch.no_grad():
+            layer(x)
+        layer.last_stats.tokens_per_expert  # noqa: B018  (built, not read: no sync, as in training)
+
+    def traced():
+        layer.track_stats = True
+        with torch.no_grad(), moe_ext.trace_routing(layer):
+            layer(x)
+
+    return {"no stats": plain, "stats (default)": stats, "stats + trace": traced}
+
+
+def training_variants(layer: moe_ext.MoE, x: torch.Tensor) -> dict:
+    """One model per variant (same init), so the watchers stay attached and the optimizers apart."""
+    variants = {}
+    for name in ("no watcher", "ExpertUsage", "ExpertUsage(health)", "+ watch(every=50)", "+ watch(every=1)"):
+        model = moe_ext.MoE(layer.hidden_size, layer.ffn_hidden_size, layer.num_experts, top_k=layer.top_k)
+        model.load_state_dict(layer.state_dict())
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        if name == "ExpertUsage":
+            moe_ext.ExpertUsage(model)
+        elif name != "no watcher":
+            usage = moe_ext.ExpertUsage(model, health=True)
+            if name.startswith("+ watch"):
+                usage.watch(optimizer, every=int(name.split("=")[1].rstrip(")")))
+
+        def step(model=model, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            optimizer.step()
+
+        variants[name] = step
+    return variants
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--ffn", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "observability.json"))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args()
-
-    torch.manual_seed(0)
-    layer = moe_ext.MoE(args.hidden, args.ffn, args.experts, top_k=args.top_k)
-    x = torch.randn(args.tokens, args.hidden)
-
-    def forward_plain():
-        layer.track_stats = False
-        layer(x)
-
-    def forward_stats():
-        layer.track_stats = True
-        layer(x)
-        layer.last_stats.tokens_per_expert  # noqa: B018  (built, not read: no sync, as in training)
-
-    def forward_traced():
-        layer.track_stats = True
-        with moe_ext.trace_routing(layer):
-            layer(x)
-
-    variants = {"no stats": forward_plain, "stats (default)": forward_stats, "stats + trace": forward_traced}
-    times = {name: [] for name in variants}
-    with torch.no_grad():
-        for fn in variants.values():
-            for _ in range(3):
-                fn()
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["no stats"])
-    rows = []
-    print(
-        f"MoE forward, T={args.tokens} H={args.hidden} F={args.ffn} E={args.experts} k={args.top_k}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats}"
-    )
-    print(f"{'variant':<18} {'ms':>9} {'overhead':>9}")
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        overhead = 100 * (median - base) / base
-        rows.append({"variant": name, "median_ms": 1e3 * median, "overhead_pct": overhead})
-        print(f"{name:<18} {1e3 * median:>9.2f} {overhead:>8.2f}%")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "config": vars(args),
-                "torch": torch.__version__,
-                "machine": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(),
-                "results": rows,
-            },
-            f,
-            indent=2,
-        )
-    print(f"wrote {args.out}")
+    env = environment()
+    print(f"torch {env['torch']}, {env['threads']} threads, {env['processor']}, load average {env['loadavg']}")
+    results = []
+    for config in args.configs.split(","):
+        c = CONFIGS[config]
+        torch.manual_seed(0)
+        layer = moe_ext.MoE(args.hidden, c["ffn"], c["experts"], top_k=c["top_k"])
+        x = torch.randn(args.tokens, args.hidden)
+        for kind, variants in (("forward", forward_variants(layer, x)), ("train step", training_variants(layer, x))):
+            times = time_interleaved(variants, repeats=args.repeats, warmup=3)
+            base = times[next(iter(variants))]["median_s"]
+            rows = []
+            for name, t in times.items():
+                overhead = 100 * (t["median_s"] - base) / base
+                rows.append([name, fmt_ms(t["median_s"]), f"{overhead:+.2f}%", str(t["runs"])])
+                results.append(
+                    dict(config=config, kind=kind, variant=name, median_ms=1e3 * t["median_s"], overhead_pct=overhead)
+                )
+            title = (
+                f"{config} {kind}: T={args.tokens} H={args.hidden} F={c['ffn']} E={c['experts']} k={c['top_k']}, "
+                "median ms"
+            )
+            print_table(["variant", "ms", "overhead", "runs"], rows, title)
+    path = write_json("observability.json", {"environment": env, "config": vars(args), "results": results})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from . import distributed, memory, ops
 from .convert import replace_modules, upcycle
 from .experts import Experts
 from .layer import MoE, RoutingStats, aux_loss, set_aux_loss_scale
-from .monitor import ExpertUsage, GroupSkew, RoutingTrace, trace_routing
+from .monitor import ExpertFlag, ExpertHealth, ExpertUsage, GroupSkew, RoutingTrace, trace_routing
 from .ops import RoutingPlan
 from .recompute import checkpoint_context
 from .replay import RoutingReplay, replay_routing
@@ -12,6 +12,8 @@ from .replay import RoutingReplay, replay_routing
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpertFlag",
+    "ExpertHealth",
     "ExpertUsage",
     "Experts",
     "GroupSkew",

@@ -60,12 +60,15 @@ def _apply_plan(
     ffn: Callable[[Tensor, Tensor], Tensor],
     group,
     num_local_experts: int,
+    observe: Callable[[Tensor, ops.RoutingPlan], None] | None = None,
 ) -> Tensor:
     x_sorted = ops.dispatch(hidden_states, plan)
     if group is None:
         y_sorted = ffn(x_sorted, plan.offsets)
     else:
         y_sorted = distributed.run_experts(ffn, x_sorted, plan.offsets, group, num_local_experts)
+    if observe is not None:
+        observe(y_sorted, plan)
     return ops.combine(y_sorted, weights, plan)
 
 
@@ -268,11 +271,18 @@ class Experts(nn.Module):
             self.swiglu_limit,
         )
 
-    def apply_plan(self, hidden_states: Tensor, plan: ops.RoutingPlan, weights: Tensor) -> Tensor:
+    def apply_plan(
+        self,
+        hidden_states: Tensor,
+        plan: ops.RoutingPlan,
+        weights: Tensor,
+        observe: Callable[[Tensor, ops.RoutingPlan], None] | None = None,
+    ) -> Tensor:
         """dispatch -> experts (on their owners when expert-parallel) -> combine, for a plan over all E experts
-        (``ops.make_plan`` or ``ops.expert_choice_plan``) and its weights ([T, k], or [T, E] for expert choice)."""
+        (``ops.make_plan`` or ``ops.expert_choice_plan``) and its weights ([T, k], or [T, E] for expert choice).
+        ``observe(y_sorted, plan)`` sees the expert output rows of this process's tokens before combine."""
         return _apply_plan(
-            hidden_states, plan, weights, self.expert_ffn, self.expert_parallel_group, self.num_local_experts
+            hidden_states, plan, weights, self.expert_ffn, self.expert_parallel_group, self.num_local_experts, observe
         )
 
     def forward(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
@@ -286,6 +287,7 @@ class MoE(ExpertControl, Experts):
         self._trace_sink = None  # set by moe_ext.trace_routing while a trace records
         self._replay = None  # set by moe_ext.replay_routing while a routing replays
         self._recomputed = False  # the last forward was a checkpoint recompute (not counted by ExpertUsage)
+        self._health = None  # (HealthTracker, layer index) while an ExpertUsage(health=True) watches
 
     @classmethod
     def from_preset(cls, name: str, hidden_size: int, ffn_hidden_size: int, **overrides) -> MoE:
@@ -373,11 +375,15 @@ class MoE(ExpertControl, Experts):
             )
         if frame is not None and not recomputing:
             recompute.store(frame, self, self._used_routing(forced, indices, plan), generator_state)
-        y = self.apply_plan(tokens, plan, weights)
+        self._recomputed = recomputing
+        observe = None
+        if self._health is not None and not recomputing:  # ExpertUsage(health=True): output norms per expert
+            tracker, index = self._health
+            observe = functools.partial(tracker.outputs, index)
+        y = self.apply_plan(tokens, plan, weights, observe=observe)
         if self.shared_expert is not None:
             y = y + self._shared_expert(tokens)
         y = self._add_aux_loss(y, logits, scores, indices, weights, leading_shape)
-        self._recomputed = recomputing
         if not recomputing:  # statistics, usage and traces count each forward once
             self._record(plan, indices, weights, scores, leading_shape)
         y = ops.as_output(y, x.shape)  # not a view: see ops.as_output
@@ -530,6 +536,9 @@ class MoE(ExpertControl, Experts):
             if rows is not None:
                 kept = (plan.token_of.reshape(self.num_experts, rows) >= 0).sum(-1)
             self.last_stats = routing_stats(plan.counts, kept, scores.detach())
+        if self._health is not None:
+            tracker, index = self._health
+            tracker.routing(index, indices, weights, plan)
         if self._trace_sink is not None:
             traced = indices if indices is not None else _expert_choice_indices(plan.row_of)
             self._trace_sink.record(self, traced, weights.detach(), plan.row_of, leading_shape)

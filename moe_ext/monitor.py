@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from .health import ExpertFlag, ExpertHealth, HealthTracker
 from .layer import MoE
 
-__all__ = ["ExpertUsage", "RoutingTrace", "GroupSkew", "trace_routing"]
+__all__ = ["ExpertFlag", "ExpertHealth", "ExpertUsage", "RoutingTrace", "GroupSkew", "trace_routing"]
 
 
 def _moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -30,13 +31,46 @@ class ExpertUsage:
     ``log_to(writer, step)`` sends scalars and histograms to a TensorBoard
     ``SummaryWriter``, ``merge()`` sums the totals over a torch.distributed group,
     ``reset()`` starts over, ``close()`` (or leaving a ``with`` block) removes the hooks.
+
+    ``health=True`` also keeps per-expert health (mean routing weight, output norm, and with
+    ``watch(optimizer)`` gradient norm and update ratio; ``dead`` and ``dominant`` flags, an
+    ``on_flag(flags, health)`` callback checked every ``check_every`` forwards or on ``check()``):
+    read with ``health()``; see :mod:`moe_ext.health` for the definitions and keywords.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        health: bool = False,
+        dead_after: int = 100,
+        dominant_share: float | None = None,
+        share_decay: float = 0.9,
+        on_flag: Callable[[list[ExpertFlag], ExpertHealth], None] | None = None,
+        check_every: int | None = None,
+    ) -> None:
         self.layers = _moe_layers(model)
         self.names = [name for name, _ in self.layers]
         num_experts = {layer.num_experts for _, layer in self.layers}
         self.num_experts = max(num_experts)
+        self._tracker = None
+        if health:
+            for name, layer in self.layers:
+                if layer._health is not None:
+                    raise RuntimeError(f"ExpertUsage: layer {name} is watched by another ExpertUsage(health=True)")
+            self._tracker = HealthTracker(
+                self.layers,
+                self.num_experts,
+                dead_after=dead_after,
+                dominant_share=dominant_share,
+                share_decay=share_decay,
+                on_flag=on_flag,
+                check_every=check_every,
+            )
+            for index, (_, layer) in enumerate(self.layers):
+                layer._health = (self._tracker, index)
+        elif on_flag is not None or check_every is not None:
+            raise ValueError("ExpertUsage: on_flag and check_every need health=True")
         self._handles = [layer.register_forward_hook(self._hook(i)) for i, (_, layer) in enumerate(self.layers)]
         self.reset()
 
@@ -63,11 +97,37 @@ class ExpertUsage:
         self.routed = torch.zeros(len(self.layers), self.num_experts, dtype=torch.int64, device=device)
         self.kept = torch.zeros_like(self.routed)
         self.forwards = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
+        if self._tracker is not None:
+            self._tracker.reset()
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._tracker is not None:
+            self._tracker.close()
+            for _, layer in self.layers:
+                if layer._health is not None and layer._health[0] is self._tracker:
+                    layer._health = None
+
+    # ----- per-expert health (health=True) --------------------------------------------------------------
+
+    def _health_tracker(self, what: str) -> HealthTracker:
+        if self._tracker is None:
+            raise RuntimeError(f"ExpertUsage.{what} needs ExpertUsage(model, health=True)")
+        return self._tracker
+
+    def health(self) -> ExpertHealth:
+        """Every expert's health figures and flags, read now (host syncs here, not during training)."""
+        return self._health_tracker("health()").health()
+
+    def check(self) -> list[ExpertFlag]:
+        """The flags raised since the last check (passed to ``on_flag`` too)."""
+        return self._health_tracker("check()").check()
+
+    def watch(self, optimizer: torch.optim.Optimizer, every: int = 50) -> None:
+        """Gradient norms and update ratios per expert at every ``every``-th ``optimizer.step()``."""
+        self._health_tracker("watch()").watch(optimizer, every)
 
     def __enter__(self) -> ExpertUsage:
         return self
@@ -81,6 +141,18 @@ class ExpertUsage:
 
         for tensor in (self.routed, self.kept, self.forwards):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        if (tracker := self._tracker) is not None:
+            # Counters add up; an expert is idle as long as it is idle on every rank; gradient norms and
+            # update ratios are the owner's (zero elsewhere) or the same on every replica: the maximum.
+            for tensor in (tracker.tokens, tracker.total_tokens, tracker.weight_sum, tracker.kept):
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            for tensor in (tracker.norm_sum, tracker.norm_rows):
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(tracker.idle, op=dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(tracker.grad_norm, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(tracker.update_ratio, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(tracker.share_ema, op=dist.ReduceOp.SUM, group=group)
+            tracker.share_ema /= dist.get_world_size(group)
 
     def load(self) -> Tensor:
         """[layers, E] share of each layer's assignments that went to each expert (before capacity)."""
