@@ -5,6 +5,7 @@ choice, checkpoint recomputes not counted, no host sync in the forward, and the 
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -298,3 +299,54 @@ def test_health_errors():
         usage.watch(layer)
     with pytest.raises(ValueError, match="every must be an int >= 1"):
         usage.watch(torch.optim.SGD(layer.parameters(), lr=0.1), every=0)
+
+
+HEALTH_EP_BODY = """
+import json
+import moe_ext
+H, F, E = 12, 20, 8
+group = dist.new_group(list(range(world)))
+
+def build(group=None):
+    torch.manual_seed(0)
+    return moe_ext.MoE(H, F, E, top_k=2, dtype=torch.float64, expert_parallel_group=group)
+
+def inputs(r):
+    return torch.randn(9 + 4 * r, H, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+
+layer = build(group)
+optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+usage = moe_ext.ExpertUsage(layer, health=True)
+usage.watch(optimizer, every=1)
+(layer(inputs(rank)) ** 2).sum().backward()
+optimizer.step()
+usage.merge(group)
+mine = usage.health()
+
+full = build()  # every expert in one process; both ranks' tokens, one optimizer step
+optimizer = torch.optim.SGD(full.parameters(), lr=0.1)
+reference = moe_ext.ExpertUsage(full, health=True)
+reference.watch(optimizer, every=1)
+for r in range(world):
+    (full(inputs(r)) ** 2).sum().backward()
+optimizer.step()
+ref = reference.health()
+
+def close(a, b):
+    return bool(torch.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True))
+
+result = {name: close(getattr(mine, name).double(), getattr(ref, name).double())
+          for name in ("tokens", "share", "mean_weight", "output_norm", "grad_norm", "update_ratio")}
+# one forward per rank: idle (the minimum over ranks) is 0 where any rank routed a token to the expert
+result["idle"] = bool(torch.equal(mine.idle_forwards, (mine.tokens == 0).long()))
+(out / f"rank{rank}.json").write_text(json.dumps(result))
+"""
+
+
+def test_merge_over_expert_parallel_ranks_equals_one_process(tmp_path):
+    from multiprocess import run_workers
+
+    run_workers(HEALTH_EP_BODY, 2, tmp_path)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == dict.fromkeys(result, True) and len(result) == 7, (rank, result)
