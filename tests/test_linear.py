@@ -22,7 +22,17 @@ def sample(rows: int, in_cols: int, out_cols: int, dtype: torch.dtype, bias: boo
     return x, w, b
 
 
-SHAPES = [(0, 4, 3), (1, 1, 1), (7, 5, 3), (33, 64, 8), (300, 257, 131), (1500, 64, 1), (5, 0, 4), (6, 3, 0)]
+SHAPES = [
+    (0, 4, 3),
+    (1, 1, 1),
+    (7, 5, 3),
+    (33, 64, 8),
+    (300, 257, 131),
+    (1500, 64, 1),
+    (5, 0, 4),
+    (6, 3, 0),
+    (300, 2048, 64),
+]
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
@@ -103,7 +113,10 @@ def test_non_contiguous_and_expanded_inputs():
     assert_bitwise_equal(ops.linear(row, w, b), ops.linear(row.contiguous(), w, b), "expanded x")
 
 
-@pytest.mark.parametrize("rows,in_cols,out_cols", [(1500, 64, 8), (4096, 8, 64), (3000, 512, 1), (16, 64, 8)])
+# (300, 2048, 64): grad_x reads the weight's rows 8 KiB apart in float32, the packed-copy path.
+@pytest.mark.parametrize(
+    "rows,in_cols,out_cols", [(1500, 64, 8), (4096, 8, 64), (3000, 512, 1), (16, 64, 8), (300, 2048, 64)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=DTYPE_IDS.get)
 def test_bitwise_same_for_1_to_4_threads(rows, in_cols, out_cols, dtype, restore_num_threads):
     x, w, b = sample(rows, in_cols, out_cols, dtype, True)

@@ -879,6 +879,18 @@ def test_grouped_mm_experts_without_rows(dtype):
         assert (w.grad[e] == 0).all(), f"expert {e} has no rows but got a gradient"
 
 
+def _assert_grouped_mm_same_for_1_to_4_threads(x, w, offsets):
+    """grouped_mm's output and both gradients have the same bits at 1, 2, 3 and 4 threads."""
+    results = {}
+    for threads in (1, 2, 3, 4):
+        torch.set_num_threads(threads)
+        out = ops.grouped_mm(x, w, offsets)
+        results[threads] = [out.detach(), *torch.autograd.grad(out, [x, w], torch.ones_like(out))]
+    for threads in (2, 3, 4):
+        for i, (a, b) in enumerate(zip(results[1], results[threads], strict=True)):
+            assert_bitwise_equal(b, a, f"output {i}: {threads} vs 1 threads")
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["w-row-major", "w-transposed"])
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_grouped_mm_small_and_large_expert_blocks(dtype, transposed, restore_num_threads):
@@ -894,19 +906,47 @@ def test_grouped_mm_small_and_large_expert_blocks(dtype, transposed, restore_num
         w = _weight(len(counts), 52, width, g, dtype, transposed, requires_grad=True)
         named = {"x_sorted": x, "w": w, "offsets": offsets}
         check_grouped_mm(Sample("grouped_mm", named, f"rows {counts} out {width} transposed={transposed}"))
-        # thread count does not change a bit, on either path
-        results = {}
-        for threads in (1, 2, 3, 4):
-            torch.set_num_threads(threads)
-            out = ops.grouped_mm(x, w, offsets)
-            results[threads] = [out.detach(), *torch.autograd.grad(out, [x, w], torch.ones_like(out))]
-        for threads in (2, 3, 4):
-            for i, (a, b) in enumerate(zip(results[1], results[threads], strict=True)):
-                assert_bitwise_equal(b, a, f"output {i}: {threads} vs 1 threads")
+        _assert_grouped_mm_same_for_1_to_4_threads(x, w, offsets)  # on either path
 
 
-def _aten_copies(fn) -> list[str]:
-    """Names of the ATen copy ops (clone, copy_, contiguous) that `fn()` runs, at one thread."""
+@pytest.mark.parametrize(
+    "dtype,transposed,d_in,d_out",
+    [
+        (torch.float32, False, 96, 2048),  # forward: w's rows 8 KiB apart
+        (torch.float64, False, 96, 1024),
+        (torch.float32, False, 2112, 2048),  # a depth whose packed tile takes fewer than 1024 columns
+        (torch.float32, True, 2048, 96),  # backward grad_x: w[e]^T's rows 8 KiB apart
+        (torch.float32, False, 96, 2064),  # not aliased: read in place
+    ],
+    ids=["f32-out2048", "f64-out1024", "f32-deep", "f32-transposed-in2048", "f32-out2064"],
+)
+def test_grouped_mm_weights_whose_rows_alias_in_cache(dtype, transposed, d_in, d_out, restore_num_threads):
+    """MKL's float GEMM runs 2-3x slower on a right-hand operand whose rows are a multiple of 8 KiB apart,
+    so grouped_mm copies such a weight tile into a buffer with another row stride first (gemm_tiles.h). The
+    copy must change neither the values (against float64) nor their independence of the thread count, and
+    it runs exactly where the stride aliases."""
+    g = make_generator("gmm-aliased", dtype, transposed, d_in, d_out)
+    counts = [40, 0, 70, 17]
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    x = _rand((sum(counts), d_in), g, dtype, requires_grad=True)
+    w = _weight(len(counts), d_in, d_out, g, dtype, transposed, requires_grad=True)
+    check_grouped_mm(Sample("grouped_mm", {"x_sorted": x, "w": w, "offsets": offsets}, f"{d_in} -> {d_out}"))
+    _assert_grouped_mm_same_for_1_to_4_threads(x, w, offsets)
+    with torch.no_grad():
+        forward_copies = _aten_copies(lambda: ops.grouped_mm(x, w, offsets), also=["moe_ext::unaliased_rhs"])
+        grad_x_copies = _aten_copies(
+            lambda: LIB.grouped_mm_backward(torch.ones(sum(counts), d_out, dtype=dtype), x, w, offsets),
+            also=["moe_ext::unaliased_rhs"],
+        )
+    aliased_forward = not transposed and (d_out * x.element_size()) % 8192 == 0
+    aliased_grad_x = transposed and (d_in * x.element_size()) % 8192 == 0
+    assert bool(forward_copies) == aliased_forward, forward_copies
+    assert bool(grad_x_copies) == aliased_grad_x, grad_x_copies
+
+
+def _aten_copies(fn, also=()) -> list[str]:
+    """Names of the ATen copy ops (clone, copy_, contiguous) and of the events named in `also` that `fn()`
+    runs, at one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -914,7 +954,7 @@ def _aten_copies(fn) -> list[str]:
             fn()
     finally:
         torch.set_num_threads(threads)
-    return [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")]
+    return [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous", *also)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

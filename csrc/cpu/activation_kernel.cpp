@@ -9,6 +9,15 @@
 #include "cpu_utils.h"
 #include "output_cache.h"
 
+// GCC's jump threading splits fast_exp's clamp out of sigmoid: for x < -88 it folds silu(x) to
+// x * (1 / (1 + exp(88))), and the vectorized loop then computes that product, a subnormal, for every lane
+// before blending it away. Subnormal results cost a microcode assist per instruction, which made the float
+// forward loop 10x slower than its arithmetic (6.1 against 0.58 ns per element, Intel Xeon, AVX-512). The
+// values are the same either way: only the order in which GCC evaluates them changes.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-thread-jumps")
+#endif
+
 namespace moe_ext {
 namespace {
 

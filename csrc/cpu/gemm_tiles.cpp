@@ -2,9 +2,11 @@
 #include "gemm_tiles.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <utility>
 
 #ifdef _OPENMP
@@ -80,6 +82,49 @@ void run_tiles(std::vector<Tile> tiles, const std::function<int64_t(const Tile&)
   // One index per worker; a worker whose range holds several indices drains the same counter once, so no
   // tile runs twice and none is skipped.
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, drain);
+}
+
+namespace {
+
+constexpr int64_t kAliasBytes = 8192;
+// K below this packs too few rows for them to evict each other (L1 is 12-way or more on the CPUs measured).
+constexpr int64_t kAliasDepth = 32;
+
+}  // namespace
+
+bool aliased_rhs(const at::Tensor& b) {
+  const auto type = b.scalar_type();
+  if (type != at::kFloat && type != at::kDouble) return false;
+  if (b.dim() != 2 || b.stride(1) != 1 || b.size(0) < kAliasDepth || b.size(1) == 0) return false;
+  return (b.stride(0) * b.element_size()) % kAliasBytes == 0;
+}
+
+int64_t packed_tile_cols(int64_t depth, int64_t element_size, int64_t tile_cols) {
+  constexpr int64_t kStep = 64;
+  const int64_t fit = kPackBytes / std::max<int64_t>(depth * element_size, 1);
+  return std::clamp<int64_t>(fit / kStep * kStep, kStep, tile_cols);
+}
+
+at::Tensor unaliased_rhs(const at::Tensor& b) {
+  if (!aliased_rhs(b)) return b;
+  // Visible to torch.profiler: what the copy costs, and that it ran.
+  RECORD_FUNCTION("moe_ext::unaliased_rhs", c10::ArrayRef<const c10::IValue>{});
+  const int64_t rows = b.size(0), cols = b.size(1), size = b.element_size();
+  int64_t stride = cols;
+  if ((stride * size) % kAliasBytes == 0) stride += 64 / size;
+  // One buffer per thread, grown as needed, 64-byte aligned like every CPU allocation of ATen's. Rows are
+  // copied with memcpy, not Tensor::copy_: ATen's copy inside a tile's worker thread gave other bits from
+  // run to run at 2 threads.
+  thread_local at::Tensor buffer;
+  const int64_t bytes = rows * stride * size;
+  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor packed = at::from_blob(buffer.mutable_data_ptr(), {rows, cols}, {stride, 1}, b.options());
+  const char* src = static_cast<const char*>(b.const_data_ptr());
+  char* dst = static_cast<char*>(packed.mutable_data_ptr());
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * stride * size, src + r * b.stride(0) * size, cols * size);
+  }
+  return packed;
 }
 
 at::Tensor view(const at::Tensor& base, int64_t offset, int64_t rows, int64_t cols, int64_t row_stride,

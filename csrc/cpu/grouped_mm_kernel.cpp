@@ -158,8 +158,11 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const 
   for (int64_t e = 0; e < E; ++e) count[e] = bounds[e + 1] - bounds[e];
   at::Tensor y = cpu::empty_output({N, out_cols}, x.options());
   const int64_t in_cols = x.size(1);
+  const bool aliased = cpu::aliased_rhs(view(w, 0, in_cols, out_cols, wt.in_stride, wt.out_stride));
+  const int64_t tile_cols = aliased ? cpu::packed_tile_cols(in_cols, w.element_size()) : cpu::kTileCols;
   run_tiles(
-      make_tiles(begin, count, out_cols), [&](const Tile& t) { return t.rows * t.cols * in_cols; },
+      make_tiles(begin, count, out_cols, cpu::kTileRows, tile_cols),
+      [&](const Tile& t) { return t.rows * t.cols * in_cols; },
       [&](const Tile& t) {
         // w[e][:, col0:col0 + cols]
         const int64_t w_offset = t.group * in_cols * out_cols + t.col0 * wt.out_stride;
@@ -179,7 +182,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const 
         }
         at::Tensor out = view(y, t.row0 * out_cols + t.col0, t.rows, t.cols, out_cols, 1);
         at::mm_out(out, view(x, t.row0 * in_cols, t.rows, in_cols, in_cols, 1),
-                   view(w, w_offset, in_cols, t.cols, wt.in_stride, wt.out_stride));
+                   cpu::unaliased_rhs(view(w, w_offset, in_cols, t.cols, wt.in_stride, wt.out_stride)));
       });
   return y;
 }
@@ -201,14 +204,18 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
 
   // grad_x[rows of e] = grad_y[rows of e] @ w[e]^T
   at::Tensor grad_x = cpu::empty_output({N, in_cols}, x.options());
+  // w[e]^T is the right-hand operand; row-major (and so possibly aliased) when w is a transposed view.
+  const bool aliased = cpu::aliased_rhs(view(w, 0, out_cols, in_cols, wt.out_stride, wt.in_stride));
+  const int64_t tile_cols = aliased ? cpu::packed_tile_cols(out_cols, w.element_size()) : cpu::kTileCols;
   run_tiles(
-      make_tiles(begin, count, in_cols), [&](const Tile& t) { return t.rows * t.cols * out_cols; },
+      make_tiles(begin, count, in_cols, cpu::kTileRows, tile_cols),
+      [&](const Tile& t) { return t.rows * t.cols * out_cols; },
       [&](const Tile& t) {
         at::Tensor out = view(grad_x, t.row0 * in_cols + t.col0, t.rows, t.cols, in_cols, 1);
         // w[e][col0:col0 + cols, :]^T
         at::mm_out(out, view(grad, t.row0 * out_cols, t.rows, out_cols, out_cols, 1),
-                   view(w, t.group * in_cols * out_cols + t.col0 * wt.in_stride, out_cols, t.cols, wt.out_stride,
-                        wt.in_stride));
+                   cpu::unaliased_rhs(view(w, t.group * in_cols * out_cols + t.col0 * wt.in_stride, out_cols, t.cols,
+                                           wt.out_stride, wt.in_stride)));
       });
 
   // grad_w[e] = x[rows of e]^T @ grad_y[rows of e], stored in w's layout so that autograd takes it without a

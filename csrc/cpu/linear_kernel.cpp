@@ -56,12 +56,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(const at::Ten
 
   // grad_x = grad_y @ weight
   at::Tensor grad_x = cpu::empty_output({T, in_cols}, x.options());
+  const bool aliased = cpu::aliased_rhs(w);
+  const int64_t tile_cols = aliased ? cpu::packed_tile_cols(out_cols, w.element_size()) : cpu::kTileCols;
   run_tiles(
-      make_tiles({0}, {T}, in_cols), [&](const Tile& t) { return t.rows * t.cols * out_cols; },
+      make_tiles({0}, {T}, in_cols, cpu::kTileRows, tile_cols),
+      [&](const Tile& t) { return t.rows * t.cols * out_cols; },
       [&](const Tile& t) {
         at::Tensor out = view(grad_x, t.row0 * in_cols + t.col0, t.rows, t.cols, in_cols, 1);
         at::mm_out(out, view(grad, t.row0 * out_cols, t.rows, out_cols, out_cols, 1),
-                   view(w, t.col0, out_cols, t.cols, in_cols, 1));
+                   cpu::unaliased_rhs(view(w, t.col0, out_cols, t.cols, in_cols, 1)));
       });
 
   // grad_weight = grad_y^T @ x, every tile reducing over all T rows
