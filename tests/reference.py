@@ -197,6 +197,13 @@ def ref_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return y
 
 
+def ref_swiglu_expert(x_row: torch.Tensor, layer, expert: int) -> torch.Tensor:
+    """One token's output of one SwiGLU expert of a moe_ext layer: (silu(gate) * up) @ w_out[e], with
+    [gate | up] = x @ w_in[e], in float64."""
+    gate, up = (_f64(x_row) @ _f64(layer.w_in[expert])).chunk(2)
+    return (torch.nn.functional.silu(gate) * up) @ _f64(layer.w_out[expert])
+
+
 def ref_load_balancing_loss(scores: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """E * sum_e (count_e / T) * mean_t scores[t, e]; 0 for T == 0."""
     scores = _f64(scores)

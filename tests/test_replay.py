@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 from multiprocess import run_workers
+from reference import ref_swiglu_expert
 from torch.utils.checkpoint import checkpoint
 
 import moe_ext
@@ -147,10 +148,7 @@ def hand_moe(layer: moe_ext.MoE, x: torch.Tensor, experts: torch.Tensor, weights
     y = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(experts.shape[1]):
-            e = int(experts[t, j])
-            h = x[t] @ layer.w_in[e]
-            gate, up = h.chunk(2)
-            y[t] += weights[t, j] * ((torch.nn.functional.silu(gate) * up) @ layer.w_out[e])
+            y[t] += weights[t, j] * ref_swiglu_expert(x[t], layer, int(experts[t, j]))
     return y
 
 
