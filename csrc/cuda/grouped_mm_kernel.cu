@@ -19,6 +19,7 @@
 
 #include "../checks.h"
 #include "cuda_utils.cuh"
+#include "grouped_mm_kernels.cuh"
 
 namespace moe_ext {
 namespace cuda {
@@ -53,13 +54,6 @@ bool use_torch_grouped_mm(const at::Tensor& x, const at::Tensor& w) {
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
   return major == 9 || major == 10;  // Hopper and datacenter Blackwell: the CUTLASS grouped GEMM
-}
-
-__global__ void check_offsets_kernel(const int64_t* __restrict__ offsets, int64_t num_experts, int64_t num_rows,
-                                     ErrorSink sink) {
-  bool ok = offsets[0] == 0 && offsets[num_experts] == num_rows;
-  for (int64_t e = 1; e <= num_experts; ++e) ok = ok && offsets[e] >= offsets[e - 1];
-  if (!ok) sink.report(0, 0);
 }
 
 // The group ends of at::_grouped_mm (int32 offsets[1:]), validated on the device.

@@ -10,38 +10,11 @@
 #include "../checks.h"
 #include "../kernels/common.h"
 #include "cuda_utils.cuh"
+#include "losses_kernels.cuh"
 
 namespace moe_ext {
 namespace cuda {
 namespace {
-
-// Experts whose counts fit a block's shared-memory histogram (8 bytes each, within 48 KiB).
-constexpr int64_t kSharedHistogram = 6144;
-
-// counts[e] = number of valid indices equal to e; an index outside [0, E) is reported by flat position.
-template <bool kShared>
-__global__ void expert_counts_kernel(const int64_t* __restrict__ indices, int64_t num_indices, int64_t num_experts,
-                                     unsigned long long* __restrict__ counts, ErrorSink sink) {
-  extern __shared__ unsigned long long histogram[];
-  if (kShared) {
-    for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) histogram[e] = 0;
-    __syncthreads();
-  }
-  MOE_EXT_GRID_STRIDE_LOOP(a, num_indices) {
-    const int64_t e = indices[a];
-    if (e < 0 || e >= num_experts) {
-      sink.report(0, a);
-      continue;
-    }
-    atomicAdd(kShared ? histogram + e : counts + e, 1ull);
-  }
-  if (kShared) {
-    __syncthreads();
-    for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
-      if (histogram[e] != 0) atomicAdd(counts + e, histogram[e]);
-    }
-  }
-}
 
 // Launches the count of every expert in `indices` on the stream; the error slot 0 of `checks` says
 // whether an index was out of range.
@@ -53,12 +26,12 @@ at::Tensor expert_counts(const at::Tensor& indices_in, int64_t num_experts, cons
   if (n == 0) return counts;
   const int64_t* idx = indices.const_data_ptr<int64_t>();
   auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>());
+  const unsigned int grid = expert_counts_grid(n, num_experts);
   if (num_experts <= kSharedHistogram) {
-    const size_t shared = static_cast<size_t>(num_experts) * sizeof(unsigned long long);
-    expert_counts_kernel<true>
-        <<<std::min(blocks_for(n), 1024u), kThreads, shared, stream>>>(idx, n, num_experts, count_ptr, checks.sink());
+    expert_counts_kernel<true><<<grid, kThreads, expert_counts_shared_bytes(num_experts), stream>>>(
+        idx, n, num_experts, count_ptr, checks.sink());
   } else {
-    expert_counts_kernel<false><<<blocks_for(n), kThreads, 0, stream>>>(idx, n, num_experts, count_ptr, checks.sink());
+    expert_counts_kernel<false><<<grid, kThreads, 0, stream>>>(idx, n, num_experts, count_ptr, checks.sink());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return counts;
@@ -69,31 +42,6 @@ void raise_bad_index(const DeviceChecks& checks, const at::Tensor& indices, int6
   if (bad == kNoError) return;
   TORCH_CHECK(false, "moe_ext: indices holds ", indices.reshape(-1)[bad].item<int64_t>(), " at flat position ", bad,
               ", outside [0, num_experts = ", num_experts, ")");
-}
-
-// partial[b, c] = sum of value(r, c) over rows r of block b (kReduceBlock rows), in row order.
-template <typename scalar_t, typename acc>
-__global__ void block_column_sums_kernel(const scalar_t* __restrict__ values, int64_t rows, int64_t width,
-                                         acc* __restrict__ partial) {
-  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
-  MOE_EXT_GRID_STRIDE_LOOP(i, blocks * width) {
-    const int64_t b = i / width, c = i - b * width;
-    const int64_t end = (b + 1) * kReduceBlock < rows ? (b + 1) * kReduceBlock : rows;
-    acc sum = 0;
-    for (int64_t r = b * kReduceBlock; r < end; ++r) sum += static_cast<acc>(values[r * width + c]);
-    partial[i] = sum;
-  }
-}
-
-// totals[c] = sum over the blocks, in order.
-template <typename acc>
-__global__ void sum_blocks_kernel(const acc* __restrict__ partial, int64_t blocks, int64_t width,
-                                  acc* __restrict__ totals) {
-  MOE_EXT_GRID_STRIDE_LOOP(c, width) {
-    acc total = 0;
-    for (int64_t b = 0; b < blocks; ++b) total += partial[b * width + c];
-    totals[c] = total;
-  }
 }
 
 // Column sums of a [rows, width] matrix, the CPU's cpu::blocked_column_sums order.
@@ -112,18 +60,6 @@ at::Tensor blocked_column_sums(const scalar_t* values, int64_t rows, int64_t wid
                                                                      totals.mutable_data_ptr<acc>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return totals;
-}
-
-// loss = E * sum_e count_e * column_sum_e / T^2, added over e in order, rounding like the CPU kernel.
-template <typename scalar_t, typename acc>
-__global__ void load_balancing_finish_kernel(const acc* __restrict__ column_sums, const int64_t* __restrict__ counts,
-                                             int64_t num_tokens, int64_t num_experts, scalar_t* __restrict__ loss) {
-  acc total = 0;
-  for (int64_t e = 0; e < num_experts; ++e) total += mul_rn(static_cast<acc>(counts[e]), column_sums[e]);
-  const acc value = num_tokens > 0 ? static_cast<acc>(num_experts) * total /
-                                         (static_cast<acc>(num_tokens) * static_cast<acc>(num_tokens))
-                                   : acc(0);
-  *loss = static_cast<scalar_t>(value);
 }
 
 at::Tensor load_balancing_loss_cuda(const at::Tensor& scores_in, const at::Tensor& indices, int64_t num_experts) {
@@ -170,35 +106,6 @@ at::Tensor load_balancing_loss_backward_cuda(const at::Tensor& grad, const at::T
 // ---------------------------------------------------------------------------------------------------------
 // Router z-loss: mean_t logsumexp(logits[t])^2, one thread per token with the CPU kernel's arithmetic.
 
-template <typename scalar_t, typename acc>
-__device__ __forceinline__ void token_logsumexp(const scalar_t* row, int64_t num_experts, acc& max_logit, acc& sum) {
-  acc m = kernels::neg_infinity<acc>();
-  for (int64_t e = 0; e < num_experts; ++e) {
-    const acc x = static_cast<acc>(row[e]);
-    m = m < x ? x : m;  // std::max(m, x), NaN handling included
-  }
-  acc total = 0;
-  for (int64_t e = 0; e < num_experts; ++e) total += std::exp(static_cast<acc>(row[e]) - m);
-  max_logit = m;
-  sum = total;
-}
-
-template <typename scalar_t, typename acc>
-__global__ void squared_logsumexp_kernel(const scalar_t* __restrict__ logits, int64_t num_tokens, int64_t num_experts,
-                                         acc* __restrict__ squared) {
-  MOE_EXT_GRID_STRIDE_LOOP(t, num_tokens) {
-    acc m, sum;
-    token_logsumexp<scalar_t, acc>(logits + t * num_experts, num_experts, m, sum);
-    const acc lse = m + std::log(sum);
-    squared[t] = lse * lse;
-  }
-}
-
-template <typename acc>
-__global__ void mean_finish_kernel(const acc* __restrict__ total, int64_t num_tokens, acc* __restrict__ loss) {
-  *loss = num_tokens > 0 ? total[0] / static_cast<acc>(num_tokens) : acc(0);
-}
-
 at::Tensor router_z_loss_cuda(const at::Tensor& logits_in) {
   check_router_z_loss(logits_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
@@ -220,23 +127,6 @@ at::Tensor router_z_loss_cuda(const at::Tensor& logits_in) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return loss;
-}
-
-// d/dl[t, e] = g * 2 * lse_t / T * softmax(l_t)[e], with g read on the device (no host sync).
-template <typename scalar_t, typename acc>
-__global__ void router_z_loss_backward_kernel(const acc* __restrict__ grad, const scalar_t* __restrict__ logits,
-                                              int64_t num_tokens, int64_t num_experts, scalar_t* __restrict__ out) {
-  const acc g = *grad;
-  MOE_EXT_GRID_STRIDE_LOOP(t, num_tokens) {
-    const scalar_t* row = logits + t * num_experts;
-    acc m, sum;
-    token_logsumexp<scalar_t, acc>(row, num_experts, m, sum);
-    const acc lse = m + std::log(sum);
-    const acc factor = g * acc(2) * lse / static_cast<acc>(num_tokens) / sum;
-    for (int64_t e = 0; e < num_experts; ++e) {
-      out[t * num_experts + e] = static_cast<scalar_t>(factor * std::exp(static_cast<acc>(row[e]) - m));
-    }
-  }
 }
 
 at::Tensor router_z_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& logits_in) {
