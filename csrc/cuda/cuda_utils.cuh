@@ -1,5 +1,5 @@
-// Host-side helpers of the CUDA glue (csrc/cuda/*.cu): the stream, the error slots' read-back and CUB's
-// temporary storage. What the kernels themselves use is in device.cuh.
+// Host-side helpers of the CUDA glue (csrc/cuda/*.cu): the stream and the error slots' read-back. What the
+// kernels themselves use is in device.cuh; launch.cuh has the launch macros and CUB's temporary storage.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "device.cuh"
+#include "launch.cuh"
 
 namespace moe_ext {
 namespace cuda {
@@ -72,11 +73,6 @@ class DeviceChecks {
   int num_slots_;
   at::Tensor slots_;
 };
-
-// Temporary device storage for CUB, from PyTorch's caching allocator.
-inline at::Tensor cub_storage(size_t bytes, const at::Tensor& like) {
-  return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
-}
 
 }  // namespace cuda
 }  // namespace moe_ext
