@@ -20,6 +20,7 @@
 #include "../checks.h"
 #include "cuda_utils.cuh"
 #include "grouped_mm_kernels.cuh"
+#include "grouped_mm_launches.cuh"
 
 namespace moe_ext {
 namespace cuda {
@@ -44,6 +45,9 @@ std::vector<int64_t> read_offsets(const at::Tensor& offsets, int64_t num_rows) {
               out.back());
   return out;
 }
+
+// The per-expert GEMM of grouped_mm_launches.cuh: cuBLAS through ATen, on the slices as they are.
+void cublas_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
 bool use_torch_grouped_mm(const at::Tensor& x, const at::Tensor& w) {
   if (x.scalar_type() != at::kBFloat16) return false;
@@ -73,21 +77,13 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& w_in, const
   // A transposed w (is_transposed_weight) is used as it is: cuBLAS reads it with the transpose flag.
   const at::Tensor x = x_in.contiguous(), offsets = offsets_in.contiguous();
   const at::Tensor w = is_transposed_weight(w_in) ? w_in : w_in.contiguous();
-  const int64_t N = x.size(0), E = w.size(0), out_cols = w.size(2);
+  const int64_t N = x.size(0);
   // .contiguous(): the Meta kernel promises contiguous outputs (a no-op for the sizes this path takes).
   if (use_torch_grouped_mm(x, w)) {
     return at::_grouped_mm(x, w, device_group_ends(offsets.to(x.device()), N)).contiguous();
   }
 
-  const auto bounds = read_offsets(offsets, N);
-  at::Tensor y = at::empty({N, out_cols}, x.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t begin = bounds[e], count = bounds[e + 1] - bounds[e];
-    if (count == 0) continue;
-    at::Tensor out = y.narrow(0, begin, count);
-    at::mm_out(out, x.narrow(0, begin, count), w[e]);
-  }
-  return y;
+  return per_expert_grouped_mm(x, w, read_offsets(offsets, N), cublas_mm_out);
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
@@ -102,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
   const at::Tensor x = x_in.contiguous(), offsets = offsets_in.contiguous();
   const at::Tensor w = transposed ? w_in : w_in.contiguous();
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
-  const int64_t N = x.size(0), E = w.size(0), in_cols = w.size(1), out_cols = w.size(2);
+  const int64_t N = x.size(0);
   // grad_w comes back in w's layout (the Meta kernel's promise), so autograd takes it without a copy.
   if (use_torch_grouped_mm(x, w)) {
     const at::Tensor ends = device_group_ends(offsets.to(x.device()), N);
@@ -113,24 +109,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
     return {grad_x, at::_grouped_mm(x.t(), grad, ends).contiguous()};
   }
 
-  const auto bounds = read_offsets(offsets, N);
-  at::Tensor grad_x = at::empty({N, in_cols}, x.options());
-  // cuBLAS writes a column-major grad_w[e] (the transposed layout) as directly as a row-major one.
-  at::Tensor grad_w = transposed ? at::empty({E, out_cols, in_cols}, w.options()).transpose(1, 2)
-                                 : at::empty({E, in_cols, out_cols}, w.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t begin = bounds[e], count = bounds[e + 1] - bounds[e];
-    at::Tensor grad_w_e = grad_w[e];
-    if (count == 0) {
-      grad_w_e.zero_();
-      continue;
-    }
-    const at::Tensor grad_e = grad.narrow(0, begin, count), x_e = x.narrow(0, begin, count);
-    at::Tensor grad_x_e = grad_x.narrow(0, begin, count);
-    at::mm_out(grad_x_e, grad_e, w[e].t());
-    at::mm_out(grad_w_e, x_e.t(), grad_e);
-  }
-  return {grad_x, grad_w};
+  return per_expert_grouped_mm_backward(grad, x, w, transposed, read_offsets(offsets, N), cublas_mm_out);
 }
 
 }  // namespace

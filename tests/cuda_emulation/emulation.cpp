@@ -27,7 +27,6 @@
 #endif
 #endif
 #if defined(MOE_EXT_EMULATION_ASAN)
-#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -434,9 +433,6 @@ class Launch {
     if (!fiber.started) {
       fiber.started = true;
       char* const stack = stacks(0)[static_cast<size_t>(t)]->bottom();
-#if defined(MOE_EXT_EMULATION_ASAN)
-      ASAN_UNPOISON_MEMORY_REGION(stack, Stack::kBytes);
-#endif
       start_context(fiber.context, stack, Stack::kBytes, this);
     }
     fiber.state = State::kReady;

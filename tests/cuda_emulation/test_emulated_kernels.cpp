@@ -8,9 +8,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <optional>
 #include <regex>
 #include <set>
@@ -18,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "moe_ext.h"
 // After ATen: the model's CUDA spellings must not leak into torch's headers.
 #include "emulation.h"
@@ -27,19 +30,20 @@
 #include "cuda/grouped_mm_kernels.cuh"
 #include "cuda/losses_kernels.cuh"
 #include "cuda/permute_kernels.cuh"
+// make_plan's launch sequence, with the CUB stand-ins in place of CUB.
+#include "cub_standin.h"
+#include "cuda/plan_launches.cuh"
+// grouped_mm's per-expert GEMMs, with the checked reference in place of cuBLAS.
+#include "cuda/grouped_mm_launches.cuh"
+#include "gemm_reference.h"
 
 namespace {
 
 using at::Tensor;
 namespace mc = moe_ext::cuda;
 
-// The largest token count of the cases: 5000, or 1000 under AddressSanitizer, whose instrumentation of every
-// emulated thread makes the suite 50x slower (the bounds checks need the index paths, not the length).
-#if defined(__SANITIZE_ADDRESS__)
-constexpr int64_t kLargeT = 1000;
-#else
+// The largest token count of the cases.
 constexpr int64_t kLargeT = 5000;
-#endif
 
 const std::vector<at::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
 
@@ -614,7 +618,8 @@ TEST(EmulatedLosses, LoadBalancingLossMatchesTheCpuKernelBitwiseOnBothHistogramP
 
 TEST(EmulatedLosses, RouterZLossForwardAndBackwardMatchTheCpuKernelsBitwise) {
   for (const auto dtype : kDtypes) {
-    for (const auto& [T, E] : std::vector<std::pair<int64_t, int64_t>>{{0, 8}, {1, 8}, {7, 3}, {300, 64}, {kLargeT, 16}}) {
+    for (const auto& [T, E] :
+         std::vector<std::pair<int64_t, int64_t>>{{0, 8}, {1, 8}, {7, 3}, {300, 64}, {kLargeT, 16}}) {
       const Tensor logits = randn({T, E}, dtype, 3.0);
       const Tensor cpu = moe_ext::router_z_loss(logits);
       const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -668,6 +673,271 @@ TEST(EmulatedGroupedMm, OffsetsCheckAcceptsValidOffsetsOnly) {
                                           slots.sink());
     EXPECT_EQ(slots.values[0] == mc::kNoError, valid[c]) << "case " << c;
   }
+}
+
+// The per-expert path (grouped_mm_cuda, grouped_mm_backward_cuda) through the checked reference GEMM: every
+// element type, contiguous and transposed w, empty experts first, between and last.
+TEST(EmulatedGroupedMm, PerExpertGemmsMatchTheCpuKernelWithCublasReadableSlices) {
+  struct Case {
+    std::vector<int64_t> offsets;
+    int64_t in, out;
+  };
+  const std::vector<Case> cases = {
+      {{0, 0}, 8, 8},    {{0, 1}, 1, 5}, {{0, 0, 7, 7}, 6, 3}, {{0, 2, 2, 5, 7}, 16, 24}, {{0, 100, 100, 300}, 64, 40},
+      {{0, 7, 7}, 33, 1}};
+  at::manual_seed(17);
+  for (const auto dtype : kDtypes) {
+    for (const Case& c : cases) {
+      for (const bool transposed : {false, true}) {
+        const int64_t E = static_cast<int64_t>(c.offsets.size()) - 1, N = c.offsets.back();
+        const Tensor offsets = at::tensor(c.offsets, at::kLong);
+        const Tensor x = randn({N, c.in}, dtype), grad = randn({N, c.out}, dtype);
+        const Tensor w = transposed ? randn({E, c.out, c.in}, dtype).transpose(1, 2) : randn({E, c.in, c.out}, dtype);
+        ASSERT_EQ(moe_ext::is_transposed_weight(w), transposed && c.in > 1 && c.out > 1);
+        const std::string what =
+            describe("grouped_mm N=" + std::to_string(N) + " E=" + std::to_string(E) + " " + std::to_string(c.in) +
+                         "x" + std::to_string(c.out) + (transposed ? " transposed w" : ""),
+                     dtype);
+        const bool as_is = moe_ext::is_transposed_weight(w);
+        const Tensor wk = as_is ? w : w.contiguous();  // what the glue passes on
+        int64_t nonempty = 0;
+        for (int64_t e = 0; e < E; ++e) nonempty += c.offsets[e + 1] > c.offsets[e] ? 1 : 0;
+
+        emu::gemm_calls() = 0;
+        const Tensor y = mc::per_expert_grouped_mm(x, wk, c.offsets, emu::reference_mm_out);
+        EXPECT_EQ(emu::gemm_calls(), nonempty) << what;
+        const auto [grad_x, grad_w] =
+            mc::per_expert_grouped_mm_backward(grad, x, wk, as_is, c.offsets, emu::reference_mm_out);
+        EXPECT_EQ(emu::gemm_calls(), 3 * nonempty) << what;
+
+        const Tensor cpu_y = moe_ext::grouped_mm(x, w, offsets);
+        const auto [cpu_grad_x, cpu_grad_w] = moe_ext::detail::grouped_mm_backward_op().call(grad, x, w, offsets);
+        // float64 products rounded once against the CPU kernel's accumulation in the element type's acc.
+        const double tol = dtype == at::kDouble ? 1e-12 : dtype == at::kFloat ? 2e-5 : 2e-2;
+        expect_close(y, cpu_y, tol, tol, what + " y");
+        expect_close(grad_x, cpu_grad_x, tol, tol, what + " grad_x");
+        expect_close(grad_w, cpu_grad_w, tol, tol, what + " grad_w");
+        EXPECT_EQ(grad_w.strides(), cpu_grad_w.strides()) << what << ": grad_w must come back in w's layout";
+        if (N > 0) {
+          // Empty experts' gradients are exact zeros.
+          for (int64_t e = 0; e < E; ++e) {
+            if (c.offsets[e + 1] == c.offsets[e]) {
+              EXPECT_EQ(grad_w[e].abs().max().item<double>(), 0.0) << what;
+            }
+          }
+        }
+      }
+    }
+  }
+  // The reference refuses what cuBLAS cannot read as it is.
+  const Tensor a = at::randn({6, 8}), b = at::randn({8, 4});
+  Tensor out = at::empty({6, 4});
+  EXPECT_NO_THROW(emu::reference_mm_out(out, a, b));
+  EXPECT_THROW(emu::reference_mm_out(out, at::randn({6, 16}).slice(1, 0, 16, 2), b), emu::LaunchError);
+  EXPECT_THROW(emu::reference_mm_out(out, a, at::randn({1, 4}).expand({8, 4})), emu::LaunchError);
+  Tensor strided = at::empty({6, 8}).slice(1, 0, 8, 2);
+  EXPECT_THROW(emu::reference_mm_out(strided, a, b), emu::LaunchError);
+  Tensor wrong_shape = at::empty({4, 6});
+  EXPECT_THROW(emu::reference_mm_out(wrong_shape, a, b), emu::LaunchError);
+  Tensor both = at::empty({6, 8});
+  Tensor aliased = both.narrow(1, 0, 4);
+  EXPECT_THROW(emu::reference_mm_out(aliased, both, at::randn({8, 4})), emu::LaunchError);
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// make_plan and expert_choice_plan (plan_kernel.cu: make_plan_cuda, expert_choice_plan_cuda): the shipped
+// launch sequence of plan_launches.cuh, with its CUB calls served by cub_standin.h.
+
+// Values with many ties (multiples of 1/4 in [-2, 2]), both zeros, and +-inf.
+Tensor tied_values(at::IntArrayRef sizes, at::ScalarType dtype, uint64_t seed) {
+  at::manual_seed(static_cast<int64_t>(seed));
+  Tensor v = at::randint(-8, 9, sizes, at::kLong).to(at::kDouble) / 4;
+  Tensor flat = v.view(-1);
+  const int64_t n = flat.numel();
+  if (n > 4) {
+    flat.index_put_({n / 5}, -0.0);
+    flat.index_put_({n / 3}, std::numeric_limits<double>::infinity());
+    flat.index_put_({n / 2}, -std::numeric_limits<double>::infinity());
+  }
+  return v.to(dtype);
+}
+
+void expect_same_plan(const std::tuple<Tensor, Tensor, Tensor, Tensor>& emulated,
+                      const std::tuple<Tensor, Tensor, Tensor, Tensor>& cpu, const std::string& what) {
+  const char* names[] = {"row_of", "token_of", "counts", "offsets"};
+  const Tensor e[] = {std::get<0>(emulated), std::get<1>(emulated), std::get<2>(emulated), std::get<3>(emulated)};
+  const Tensor c[] = {std::get<0>(cpu), std::get<1>(cpu), std::get<2>(cpu), std::get<3>(cpu)};
+  for (int i = 0; i < 4; ++i) expect_same_bits(e[i], c[i], what + " " + names[i]);
+}
+
+struct PlanCase {
+  int64_t T, E, k;
+  std::optional<int64_t> capacity;
+  int priority;  // 0: none, 1: random (distinct), 2: tied with +-0 and +-inf
+  bool skewed;   // every token's first choice is expert 0 (capacity drops)
+};
+
+TEST(EmulatedPlan, MakePlanMatchesTheCpuKernelBitwise) {
+  const std::vector<PlanCase> cases = {{0, 4, 2, std::nullopt, 0, false},
+                                       {0, 4, 2, 3, 1, false},
+                                       {1, 4, 2, std::nullopt, 0, false},
+                                       {1, 1, 1, 0, 0, false},
+                                       {7, 8, 3, std::nullopt, 0, true},
+                                       {7, 8, 3, 2, 2, true},
+                                       {300, 16, 4, std::nullopt, 0, false},
+                                       {300, 16, 4, 40, 0, true},
+                                       {300, 16, 4, 40, 1, false},
+                                       {300, 16, 4, 70, 2, true},
+                                       {300, 512, 1, 1, 2, false},
+                                       {kLargeT, 512, 2, std::nullopt, 0, false},
+                                       {kLargeT, 64, 4, kLargeT / 40, 2, true},
+                                       {kLargeT, 8, 2, kLargeT, 1, false}};
+  uint64_t seed = 100;
+  for (const PlanCase& c : cases) {
+    at::manual_seed(static_cast<int64_t>(++seed));
+    Tensor indices = at::randint(0, c.E, {c.T, c.k}, at::kLong);  // repeats within a token included
+    if (c.skewed && c.T > 0) indices.select(1, 0).fill_(0);
+    Tensor priority;
+    if (c.priority == 1) priority = at::rand({c.T, c.k}, at::kDouble);
+    if (c.priority == 2) priority = tied_values({c.T, c.k}, at::kFloat, seed);
+    const std::string what = "make_plan T=" + std::to_string(c.T) + " E=" + std::to_string(c.E) +
+                             " k=" + std::to_string(c.k) +
+                             " C=" + (c.capacity ? std::to_string(*c.capacity) : std::string("none")) +
+                             " priority=" + std::to_string(c.priority);
+    const auto cpu = moe_ext::make_plan(indices, c.E, c.capacity,
+                                        priority.defined() ? std::optional<Tensor>(priority) : std::nullopt);
+    Slots slots(mc::kPlanSlots);
+    const auto emulated = mc::make_plan_launches(
+        indices, c.E, c.capacity, priority.defined() ? priority.to(at::kDouble) : Tensor(), slots.sink(), nullptr);
+    expect_same_plan(emulated, cpu, what);
+    EXPECT_EQ(slots.values[mc::kBadIndex], mc::kNoError) << what;
+    EXPECT_EQ(slots.values[mc::kPriorityNaN], mc::kNoError) << what;
+  }
+}
+
+TEST(EmulatedPlan, MakePlanReportsTheCpuKernelsFirstBadIndexAndNanPriority) {
+  at::manual_seed(7);
+  const int64_t T = 300, E = 16, k = 2;
+  Tensor indices = at::randint(0, E, {T, k}, at::kLong);
+  indices.index_put_({250, 1}, -1);
+  indices.index_put_({40, 1}, E);
+  indices.index_put_({41, 0}, E + 7);
+  std::string cpu_message;
+  try {
+    moe_ext::make_plan(indices, E);
+  } catch (const c10::Error& error) {
+    cpu_message = error.what_without_backtrace();
+  }
+  for (const std::optional<int64_t> capacity : {std::optional<int64_t>(), std::optional<int64_t>(30)}) {
+    Slots slots(mc::kPlanSlots);
+    mc::make_plan_launches(indices, E, capacity, Tensor(), slots.sink(), nullptr);
+    const int64_t bad = slots.values[mc::kBadIndex];
+    ASSERT_EQ(bad, 40 * k + 1);
+    // make_plan_cuda's message names indices[bad / k, bad % k]; the CPU kernel names the same entry.
+    EXPECT_NE(cpu_message.find("indices[40, 1] = 16"), std::string::npos) << cpu_message;
+  }
+  Tensor priority = at::rand({T, k}, at::kDouble);
+  priority.index_put_({5, 0}, std::nan(""));
+  Slots slots(mc::kPlanSlots);
+  mc::make_plan_launches(at::randint(0, E, {T, k}, at::kLong), E, 20, priority, slots.sink(), nullptr);
+  EXPECT_EQ(slots.values[mc::kPriorityNaN], 5 * k);
+  EXPECT_EQ(slots.values[mc::kBadIndex], mc::kNoError);
+}
+
+TEST(EmulatedPlan, ExpertChoicePlanMatchesTheCpuKernelBitwise) {
+  struct Case {
+    int64_t T, E, C;
+  };
+  const std::vector<Case> cases = {{0, 4, 3},
+                                   {1, 1, 1},
+                                   {1, 8, 0},
+                                   {7, 8, 3},
+                                   {7, 4, 20},
+                                   {300, 16, 40},
+                                   {300, 512, 2},
+                                   {kLargeT, 64, kLargeT / 20},
+                                   {kLargeT, 8, kLargeT + 1}};
+  uint64_t seed = 200;
+  for (const auto dtype : {at::kFloat, at::kDouble}) {
+    for (const Case& c : cases) {
+      for (const bool tied : {false, true}) {
+        const Tensor scores = tied ? tied_values({c.T, c.E}, dtype, ++seed) : at::rand({c.T, c.E}).to(dtype);
+        const std::string what = describe("expert_choice_plan T=" + std::to_string(c.T) + " E=" + std::to_string(c.E) +
+                                              " C=" + std::to_string(c.C) + (tied ? " tied" : ""),
+                                          dtype);
+        Slots slots(1);
+        expect_same_plan(mc::expert_choice_plan_launches(scores, c.C, slots.sink(), nullptr),
+                         moe_ext::expert_choice_plan(scores, c.C), what);
+        EXPECT_EQ(slots.values[0], mc::kNoError) << what;
+      }
+    }
+  }
+  Tensor scores = at::rand({30, 8});
+  scores.index_put_({20, 3}, std::nanf(""));
+  scores.index_put_({21, 0}, std::nanf(""));
+  Slots slots(1);
+  mc::expert_choice_plan_launches(scores, 4, slots.sink(), nullptr);
+  EXPECT_EQ(slots.values[0], 20 * 8 + 3);
+}
+
+TEST(EmulatedPlan, CubStandInsKeepCubsContracts) {
+  // Two phases; a buffer smaller than the query's answer is refused, as CUB's AliasTemporaries refuses it.
+  const std::vector<int32_t> keys = {5, -3, 5, 0, -3, 7, 5}, values = {0, 1, 2, 3, 4, 5, 6};
+  std::vector<int32_t> keys_out(7), values_out(7);
+  size_t bytes = 0;
+  ASSERT_EQ(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys.data(), keys_out.data(), values.data(),
+                                            values_out.data(), 7),
+            cudaSuccess);
+  ASSERT_GT(bytes, 0u);
+  std::vector<unsigned char> storage(bytes);
+  size_t short_bytes = bytes - 1;
+  EXPECT_EQ(cub::DeviceRadixSort::SortPairs(storage.data(), short_bytes, keys.data(), keys_out.data(), values.data(),
+                                            values_out.data(), 7),
+            cudaErrorInvalidValue);
+  ASSERT_EQ(cub::DeviceRadixSort::SortPairs(storage.data(), bytes, keys.data(), keys_out.data(), values.data(),
+                                            values_out.data(), 7),
+            cudaSuccess);
+  EXPECT_EQ(keys_out, (std::vector<int32_t>{-3, -3, 0, 5, 5, 5, 7}));
+  EXPECT_EQ(values_out, (std::vector<int32_t>{1, 4, 3, 0, 2, 6, 5}));  // stable
+  ASSERT_EQ(cub::DeviceRadixSort::SortPairsDescending(storage.data(), bytes, keys.data(), keys_out.data(),
+                                                      values.data(), values_out.data(), 7),
+            cudaSuccess);
+  EXPECT_EQ(values_out, (std::vector<int32_t>{5, 0, 2, 6, 3, 1, 4}));  // stable among equal keys
+  // Only bits [0, 2) compared: 5 -> 1, -3 -> 1, 0 -> 0, 7 -> 3.
+  ASSERT_EQ(cub::DeviceRadixSort::SortPairs(storage.data(), bytes, keys.data(), keys_out.data(), values.data(),
+                                            values_out.data(), 7, 0, 2),
+            cudaSuccess);
+  EXPECT_EQ(values_out, (std::vector<int32_t>{3, 0, 1, 2, 4, 6, 5}));
+  // Floats: -0.0 equals +0.0 (input order kept), negatives before positives, +-inf at the ends.
+  const double inf = std::numeric_limits<double>::infinity();
+  const std::vector<double> fkeys = {0.0, -1.5, inf, -0.0, -inf, 2.0};
+  std::vector<double> fkeys_out(6);
+  size_t fbytes = 0;
+  cub::DeviceRadixSort::SortPairs(nullptr, fbytes, fkeys.data(), fkeys_out.data(), values.data(), values_out.data(), 6,
+                                  0, 64);
+  std::vector<unsigned char> fstorage(fbytes);
+  ASSERT_EQ(cub::DeviceRadixSort::SortPairs(fstorage.data(), fbytes, fkeys.data(), fkeys_out.data(), values.data(),
+                                            values_out.data(), 6, 0, 64),
+            cudaSuccess);
+  EXPECT_EQ(std::vector<int32_t>(values_out.begin(), values_out.begin() + 6), (std::vector<int32_t>{4, 1, 0, 3, 5, 2}));
+  // Scan, in place.
+  std::vector<int32_t> flags = {1, 0, 1, 1, 0, 1};
+  size_t sbytes = 0;
+  cub::DeviceScan::ExclusiveSum(nullptr, sbytes, flags.data(), flags.data(), 6);
+  std::vector<unsigned char> sstorage(sbytes);
+  ASSERT_EQ(cub::DeviceScan::ExclusiveSum(sstorage.data(), sbytes, flags.data(), flags.data(), 6), cudaSuccess);
+  EXPECT_EQ(flags, (std::vector<int32_t>{0, 1, 1, 2, 3, 3}));
+  // Misuse CUB would silently misread fails the test instead.
+  EXPECT_THROW(cub::DeviceRadixSort::SortPairs(storage.data(), bytes, keys.data(), const_cast<int32_t*>(keys.data()),
+                                               values.data(), values_out.data(), 7),
+               emu::LaunchError);
+  EXPECT_THROW(cub::DeviceRadixSort::SortPairs(storage.data(), bytes, keys.data(), keys_out.data(), values.data(),
+                                               values_out.data(), 7, 0, 33),
+               emu::LaunchError);
+  // The same inside the shipped wrapper: a 40-bit int32 key fails the launch sequence.
+  EXPECT_THROW(mc::sort_pairs<int32_t>(keys.data(), keys_out.data(), values.data(), values_out.data(), 7, 40, false,
+                                       at::empty({1}), nullptr),
+               emu::LaunchError);
 }
 
 // -----------------------------------------------------------------------------------------------------------
@@ -816,7 +1086,7 @@ TEST(EmulationCoverage, EveryKernelOfTheEmulatedHeadersRan) {
     ran.insert(base);
   }
   for (const char* header : {"activation_kernels.cuh", "gating_kernels.cuh", "grouped_mm_kernels.cuh",
-                             "losses_kernels.cuh", "permute_kernels.cuh"}) {
+                             "losses_kernels.cuh", "permute_kernels.cuh", "plan_kernels.cuh"}) {
     for (const auto& kernel : kernels_declared_in(header)) {
       EXPECT_TRUE(ran.count(kernel)) << kernel << " (" << header << ") never ran through the emulation";
     }
@@ -832,6 +1102,12 @@ TEST(EmulationCoverage, EveryKernelOfTheEmulatedHeadersRan) {
       });
       EXPECT_TRUE(found) << kernel << type << "...> never ran";
     }
+  }
+  // expert_choice_plan's keys, for the routing dtypes (float for half/bfloat16 scores, and double).
+  for (const char* name : {"expert_choice_keys_kernel<float>", "expert_choice_keys_kernel<double>"}) {
+    EXPECT_TRUE(std::any_of(launched.begin(), launched.end(),
+                            [&](const std::string& n) { return n.find(name) != std::string::npos; }))
+        << name << " never ran";
   }
 }
 
