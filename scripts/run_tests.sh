@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test run (what CI runs): set-up, the pytest suite, then the LibTorch CMake build and its
-# GoogleTest suites under ctest, then the CUDA compile check (every CUDA source through nvcc for sm_80 and
+# GoogleTest suites under ctest, then the CUDA execution model's suite (tests/cuda_emulation: the shipped CUDA
+# kernels run on the CPU, against the CPU kernels, under several seeds), then the CUDA compile check (every CUDA source through nvcc for sm_80 and
 # sm_90, warnings as errors; compiled, never linked or run: CI has no GPU), then the CUDA-torch stage
 # (scripts/cuda_torch_build.sh: a venv with the CUDA build of torch, moe_ext built with MOE_EXT_CUDA=1 and
 # linked as a GPU user gets it, its CUDA kernel registrations checked through the dispatcher without a GPU,
@@ -12,8 +13,9 @@
 # Environment: PYTHON (interpreter, as in install.sh), JOBS (parallel build jobs, default: nproc),
 # CUDACXX (nvcc to use; default: nvcc on PATH, else /usr/local/cuda/bin/nvcc). Without nvcc the CUDA stage
 # is skipped on a developer machine and fails under CI=true. FUZZ_SECONDS (length of the fuzz run,
-# default 60). The CUDA-torch stage reads its own settings (scripts/cuda_torch_build.sh); MOE_EXT_SKIP_CUDA_TORCH=1
-# skips it on a developer machine (CI=true fails instead).
+# default 60). EMULATION_SEEDS (the CUDA emulation stage's seeds, default "0 1 2"). The CUDA-torch stage
+# reads its own settings (scripts/cuda_torch_build.sh); MOE_EXT_SKIP_CUDA_TORCH=1 skips it on a developer
+# machine (CI=true fails instead).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +30,7 @@ CUDA_CHECK_DIR="$REPO/build/cuda-check"
 SANITIZE_DIR="$REPO/build/cmake-sanitize"
 FUZZ_DIR="$REPO/build/cmake-fuzz"
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+EMULATION_SEEDS="${EMULATION_SEEDS:-0 1 2}"
 
 failed=()
 stage() {
@@ -55,6 +58,26 @@ cmake_build() {
   cmake -S "$REPO" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DPython3_EXECUTABLE="$(command -v "$PYTHON")" -DMOE_EXT_BUILD_TESTS=ON &&
     cmake --build "$BUILD_DIR" -j "$JOBS"
+}
+
+# The CUDA execution model's suite (built by the CMake stage) once per seed: each seed draws another block
+# order and thread interleaving, so a race between threads that the barriers do not order shows under one
+# of them. The last run prints the kernels it launched (the coverage list). The sanitize stage runs it once
+# more, under ASan + UBSan.
+cuda_emulation() {
+  local seed status=0 log
+  for seed in $EMULATION_SEEDS; do
+    log="$BUILD_DIR/cuda_emulation_seed_$seed.log"
+    if MOE_EXT_EMULATION_SEED="$seed" "$BUILD_DIR/moe_ext_cuda_emulation_tests" >"$log" 2>&1; then
+      echo "seed $seed: $(grep -E '^\[  PASSED  \]' "$log")"
+    else
+      status=1
+      tail -n 80 "$log"
+      echo "seed $seed: FAILED (log: $log)"
+    fi
+  done
+  sed -n '/kernels launched through the emulation/,/^\[/p' "$log" | sed '$d'
+  return "$status"
 }
 
 cuda_compile_check() {
@@ -122,35 +145,43 @@ fuzz_build_and_run() {
   grep -E '^(INFO: seed corpus|#[0-9]+\s+INITED|stat::|Done [0-9]+ runs)' "$FUZZ_DIR/fuzz.log"
 }
 
-stage "1/8 set-up: scripts/install.sh"
+stage "1/9 set-up: scripts/install.sh"
 start=$SECONDS
 bash scripts/install.sh
 echo "---- set-up: ok in $((SECONDS - start)) s"
 
-stage "2/8 pytest: python -m pytest tests -q"
+stage "2/9 pytest: python -m pytest tests -q"
 run_stage pytest "$PYTHON" -m pytest tests -q
 
-stage "3/8 CMake: configure and build $BUILD_DIR (LibTorch library + GoogleTest suite)"
+stage "3/9 CMake: configure and build $BUILD_DIR (LibTorch library + GoogleTest suite)"
 run_stage cmake-build cmake_build
 
-stage "4/8 ctest: GoogleTest suite"
+stage "4/9 ctest: GoogleTest suite"
 if [[ " ${failed[*]} " == *" cmake-build "* ]]; then
   echo "---- ctest: skipped, the CMake build failed"
   failed+=(ctest)
 else
-  run_stage ctest ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$JOBS"
+  run_stage ctest ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$JOBS" -LE cuda_emulation
 fi
 
-stage "5/8 CUDA compile check: nvcc for sm_80 and sm_90, warnings as errors, in $CUDA_CHECK_DIR"
+stage "5/9 CUDA emulation: the CUDA kernels executed on the CPU (tests/cuda_emulation), seeds $EMULATION_SEEDS"
+if [[ " ${failed[*]} " == *" cmake-build "* ]]; then
+  echo "---- cuda-emulation: skipped, the CMake build failed"
+  failed+=(cuda-emulation)
+else
+  run_stage cuda-emulation cuda_emulation
+fi
+
+stage "6/9 CUDA compile check: nvcc for sm_80 and sm_90, warnings as errors, in $CUDA_CHECK_DIR"
 run_stage cuda-compile-check cuda_compile_check
 
-stage "6/8 CUDA torch: torch==${CUDA_TORCH_VERSION:-2.14.1} (CUDA) venv, MOE_EXT_CUDA=1 build, dispatcher check, pytest"
+stage "7/9 CUDA torch: torch==${CUDA_TORCH_VERSION:-2.14.1} (CUDA) venv, MOE_EXT_CUDA=1 build, dispatcher check, pytest"
 run_stage cuda-torch cuda_torch_stage
 
-stage "7/8 sanitizers: GoogleTest suites with ASan + UBSan in $SANITIZE_DIR"
+stage "8/9 sanitizers: GoogleTest suites with ASan + UBSan in $SANITIZE_DIR"
 run_stage sanitize sanitize_build_and_test
 
-stage "8/8 fuzz: libFuzzer on make_plan/dispatch/combine for $FUZZ_SECONDS s in $FUZZ_DIR (clang)"
+stage "9/9 fuzz: libFuzzer on make_plan/dispatch/combine for $FUZZ_SECONDS s in $FUZZ_DIR (clang)"
 run_stage fuzz fuzz_build_and_run
 
 echo

@@ -24,7 +24,7 @@ from moe_ext import ops
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="no CUDA device: the CUDA kernels are only compiled here (scripts/run_tests.sh stage 5)",
+    reason="no CUDA device: the CUDA kernels are only compiled here (scripts/run_tests.sh stage 6), and executed on the CPU by the CUDA execution model (stage 5)",
 )
 
 DEV = "cuda"

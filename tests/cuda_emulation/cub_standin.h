@@ -56,10 +56,10 @@ inline bool overlap(const void* a, const void* b, size_t bytes) {
   return bytes > 0 && x < y + bytes && y < x + bytes;
 }
 
-// Bytes a call on `items` records of `record_bytes` needs: its records, rounded up to CUB's 256-byte
-// alignment of every temporary, plus one more alignment unit.
+// Bytes a call on `items` records of `record_bytes` needs: its records, plus CUB's 256-byte alignment
+// slack (not rounded: a query for fewer items than the call always asks for too little).
 inline size_t storage_bytes(int64_t items, size_t record_bytes) {
-  return (static_cast<size_t>(items) * record_bytes + 255) / 256 * 256 + 256;
+  return static_cast<size_t>(items) * record_bytes + 256;
 }
 
 // Phase one (nullptr: report the need) or the check of phase two; true when the caller should do the work.
